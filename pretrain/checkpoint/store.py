@@ -1,0 +1,137 @@
+"""Training checkpoints: model + optimizer through torch.distributed.checkpoint (resharding
+between parallel layouts), plus trainer state (step, data position, RNG) as JSON / torch files.
+
+Layout: <run_dir>/checkpoints/step_<N>/ with the DCP files, trainer_state.json, config.yaml and
+rng_rank<r>.pt. A checkpoint is written to a temporary sibling directory and renamed into place
+only when complete, so a crash mid-save leaves the previous checkpoint loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in the run directory, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / TRAINER_STATE).is_file() and (Path(path) / ".metadata").is_file()
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any],
+                    config_yaml: str, keep: int) -> Path:
+    """Write checkpoint `step` atomically (all ranks call this) and prune to the newest `keep`."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "config.yaml").write_text(config_yaml)
+        _write_json_atomic(tmp / TRAINER_STATE, {"step": step, **trainer_state})
+        if final.exists():  # re-saving the same step: replace only once the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load model (and optimizer) in place from a checkpoint written under any layout;
+    returns the trainer state. Restores this rank's RNG state when the file exists."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (needs {TRAINER_STATE} and DCP .metadata)")
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer if optimizer is not None else [],
+                   model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}),
+                   options=StateDictOptions(strict=True))
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if rng_file.is_file():
+        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Model weights only (continual pretraining, inference)."""
+    model_sd, _ = get_state_dict(model, [])
+    state = {"model": model_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={},
+                   options=StateDictOptions(strict=True))
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

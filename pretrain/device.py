@@ -1,0 +1,45 @@
+"""The one place that names accelerator back-ends; everything else takes a torch.device."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_ACCELERATOR = "cuda"
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' picks the local accelerator when there is one, else the CPU."""
+    if name == "auto":
+        name = _ACCELERATOR if torch.cuda.is_available() else "cpu"
+    if name == _ACCELERATOR:
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but no {name} device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device(name, local_rank)
+    return torch.device(name)
+
+
+def is_accelerator(device: torch.device) -> bool:
+    return device.type == _ACCELERATOR
+
+
+def distributed_backend(device: torch.device) -> str:
+    return "nccl" if is_accelerator(device) else "gloo"
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for 'bfloat16', a no-op for 'float32'."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so wall-clock step times are real."""
+    if is_accelerator(device):
+        torch.cuda.synchronize(device)
+
+
+def fused_adamw_supported(device: torch.device) -> bool:
+    return device.type in ("cpu", _ACCELERATOR)

@@ -1,0 +1,135 @@
+"""The training loop: plan the step, run it, log, evaluate, checkpoint; resumable exactly."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pretrain.checkpoint.store import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.config import ConfigError, RunConfig
+from pretrain.data.dataset import PackedDataset
+from pretrain.data.loader import TrainBatches, validation_batches
+from pretrain.device import select_device, synchronize
+from pretrain.evaluation.early_exit_eval import evaluate_exits, format_eval_table
+from pretrain.layerskip.plan import step_plan
+from pretrain.metrics.logger import MetricsLogger
+from pretrain.trainer.build import build_model, build_optimizer, init_model_config, set_learning_rate
+from pretrain.trainer.step import count_step_tokens, train_step
+from parallel.parallelize import parallelize
+from schedules.lr import learning_rate
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def check_data_matches(cfg: RunConfig, data: PackedDataset) -> None:
+    if data.seq_len != cfg.train.seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} but the data in data.dir={cfg.data.dir!r} "
+                          f"was packed with seq_len={data.seq_len}; re-run prepare or set train.seq_len")
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({data.vocab_size}) in data.dir={cfg.data.dir!r}")
+
+
+def resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return find_latest_checkpoint(run_dir)
+    path = Path(mode)
+    if not path.exists():
+        raise ConfigError(f"checkpoint.resume={mode!r}: no such checkpoint")
+    return path
+
+
+def run_evaluation(cfg: RunConfig, model, val: PackedDataset, device, logger: MetricsLogger,
+                   step: int, run_dir: Path) -> dict:
+    batches = validation_batches(val, cfg.eval.batch_size, max_batches=cfg.eval.batches)
+    result = evaluate_exits(model, batches, device, cfg.eval.max_draft_len)
+    result["step"] = step
+    logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
+                "best": result.get("best", {})}, kind="eval")
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) training; returns a summary with the per-step losses of this invocation."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, model=init_model_config(cfg))
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    (run_dir / "config.yaml").write_text(config_yaml)
+    device = select_device(cfg.train.device)
+
+    train_data = PackedDataset(cfg.data.dir, "train")
+    val_data = PackedDataset(cfg.data.dir, "val")
+    check_data_matches(cfg, train_data)
+    tokenizer = Path(cfg.data.dir) / "tokenizer.json"
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
+
+    model = parallelize(build_model(cfg, device), cfg)
+    optimizer = build_optimizer(cfg, model, device)
+    start_step, run_id = 0, None
+    ckpt = resume_point(cfg, run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        start_step, run_id = state["step"], state.get("wandb_run_id")
+    batches = TrainBatches(train_data, cfg.train.global_batch_size, cfg.train.seed, start_step=start_step)
+
+    logger = MetricsLogger(run_dir, cfg.logging, enabled=True,
+                           run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                           total_steps=cfg.train.steps, start_step=start_step, run_id=run_id)
+    if ckpt is not None:
+        logger.write(f"resumed from {ckpt} at step {start_step}")
+
+    losses: dict[int, float] = {}
+    eval_result: dict = {}
+    model.train()
+    for step, batch in batches:
+        if step >= cfg.train.steps:
+            break
+        plan = step_plan(cfg, step)
+        lr = learning_rate(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                           total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio,
+                           decay=cfg.optim.decay)
+        set_learning_rate(optimizer, lr)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        started = time.perf_counter()
+        result = train_step(model, optimizer, plan, batch, micro_batch_size=cfg.train.micro_batch_size,
+                            step_tokens=count_step_tokens(batch), dtype=cfg.train.dtype,
+                            checkpoint_heads=cfg.layerskip.early_exit.checkpoint_heads,
+                            grad_clip=cfg.optim.grad_clip)
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+        losses[step] = result.loss
+        logger.advance(1, postfix=f"loss {result.loss:.3f}")
+        done = step + 1
+        if done % cfg.logging.every == 0 or done == cfg.train.steps:
+            tokens_per_s = result.tokens / elapsed
+            logger.log({"step": step, "loss": result.loss,
+                        "exit_loss": {str(l): v for l, v in result.exit_losses.items()},
+                        "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+                        "step_time_s": elapsed,
+                        "blocks_run_fraction": result.rows_run / max(result.rows_total, 1),
+                        "layer_dropout_rate": list(plan.drop_rates)},
+                       console=f"step {step:>6d} loss {result.loss:.4f} lr {lr:.2e} "
+                               f"gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}")
+        if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
+            eval_result = run_evaluation(cfg, model, val_data, device, logger, step, run_dir)
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
+            save_checkpoint(run_dir, done, model, optimizer,
+                            {"data": batches.state_dict(), "wandb_run_id": logger.run_id},
+                            config_yaml, cfg.checkpoint.keep)
+    if start_step < cfg.train.steps:
+        eval_result = run_evaluation(cfg, model, val_data, device, logger, cfg.train.steps - 1, run_dir)
+        logger.write(format_eval_table(eval_result))
+    logger.close()
+    return {"losses": losses, "eval": eval_result, "run_dir": str(run_dir)}

@@ -1,0 +1,70 @@
+"""Early-exit loss: weighted per-exit CE, exits that are off cost nothing, and gradients do not
+depend on the gradient-accumulation split."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.layerskip.early_exit_loss import early_exit_loss
+from pretrain.layerskip.plan import StepPlan
+from pretrain.trainer.step import forward_backward, split_micro_batches
+
+
+def make_batch(n=8, t=12, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, vocab, (n, t + 1), generator=g)
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(40, 40 + n)}
+
+
+def test_loss_is_weighted_sum_of_exit_cross_entropies(tiny_model):
+    batch = make_batch()
+    weights = {2: 0.25, 4: 0.75}
+    hiddens = tiny_model(batch["tokens"], exits=weights)
+    loss, per_exit = early_exit_loss(tiny_model.exit_logits, hiddens, batch["targets"], weights,
+                                     step_tokens=batch["targets"].numel())
+    expected = {l: F.cross_entropy(tiny_model.logits(batch["tokens"], l).flatten(0, 1),
+                                   batch["targets"].flatten()) for l in (2, 4)}
+    torch.testing.assert_close(loss, 0.25 * expected[2] + 0.75 * expected[4])
+    for l in (2, 4):
+        torch.testing.assert_close(per_exit[l], expected[l].detach())
+
+
+def test_exits_that_are_off_compute_no_head(tiny_model):
+    calls = []
+    tiny_model.output.register_forward_hook(lambda *a: calls.append(1))
+    batch = make_batch()
+    hiddens = tiny_model(batch["tokens"], exits=[4])
+    early_exit_loss(tiny_model.exit_logits, hiddens, batch["targets"], {4: 1.0}, 96)
+    assert len(calls) == 1
+
+
+def _grads_for_split(model, plan, batch, micro):
+    model = copy.deepcopy(model)
+    total = 0.0
+    for mb in split_micro_batches(batch, micro):
+        loss, _, _ = forward_backward(model, plan, mb, step_tokens=batch["targets"].numel(),
+                                      dtype="float32", checkpoint_heads=False)
+        total += float(loss)
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpoint_heads", [False, True])
+def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_heads):
+    plan = StepPlan(step=3, drop_rates=(0.0, 0.2, 0.4, 0.6), exit_weights={1: 0.1, 3: 0.3, 4: 0.6},
+                    dropout_seed=5)
+    batch = make_batch(n=8)
+    # Independent computation: whole batch at once, loss written out per exit with a token mean.
+    ref_model = copy.deepcopy(tiny_model)
+    keep = plan.keep_masks(batch["sample_ids"])
+    hiddens = ref_model(batch["tokens"], keep=keep, exits=[1, 3])
+    ref_loss = sum(w * F.cross_entropy(ref_model.exit_logits(hiddens[l]).flatten(0, 1),
+                                       batch["targets"].flatten()) for l, w in plan.exit_weights.items())
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
+    for micro in (8, 4, 2, 1):
+        loss, grads = _grads_for_split(tiny_model, plan, batch, micro)
+        assert abs(loss - float(ref_loss)) < 1e-5
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
