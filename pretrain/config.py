@@ -77,6 +77,7 @@ class TrainConfig:
     dtype: str = "float32"        # float32 or bfloat16 (autocast)
     activation_checkpointing: bool = False
     compile: bool = False
+    stop_at_step: Optional[int] = None  # end this invocation early (checkpoint, then exit), e.g. a job time limit
 
 
 @dataclass
@@ -183,6 +184,8 @@ def validate(cfg: RunConfig) -> None:
     _require(ee.gradual_steps >= 0, "layerskip.early_exit.gradual_steps", ee.gradual_steps, "must be >= 0")
     _require(ee.e_scale > 0, "layerskip.early_exit.e_scale", ee.e_scale, "must be positive")
     _require(tr.steps >= 1, "train.steps", tr.steps, "must be >= 1")
+    _require(tr.stop_at_step is None or 1 <= tr.stop_at_step <= tr.steps, "train.stop_at_step",
+             tr.stop_at_step, f"must be in 1..train.steps={tr.steps}")
     _require(tr.seq_len >= 1, "train.seq_len", tr.seq_len, "must be >= 1")
     _require(tr.seq_len <= cfg.model.max_seq_len, "train.seq_len", tr.seq_len,
              f"exceeds model.max_seq_len={cfg.model.max_seq_len}")

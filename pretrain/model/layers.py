@@ -1,6 +1,6 @@
 """Building blocks of a Llama-style decoder: attention (GQA + RoPE), SwiGLU MLP, pre-norm block.
 
-Head counts are inferred from tensor shapes (`view(..., -1, head_dim)`) so that a tensor-parallel
+Head counts are inferred from tensor widths so that a tensor-parallel
 shard of a projection, which holds fewer heads, runs through the same code.
 """
 from __future__ import annotations
@@ -37,15 +37,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, t, -1, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(b, t, -1, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = apply_rope(self._split_heads(self.wq(x)), cos, sin).transpose(1, 2)
+        k = apply_rope(self._split_heads(self.wk(x)), cos, sin).transpose(1, 2)
+        v = self._split_heads(self.wv(x)).transpose(1, 2)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v, mask = cache.update(layer, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return self.wo(out.transpose(1, 2).reshape(b, t, out.shape[1] * self.head_dim))
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H·Dh] -> [B, T, H, Dh]; H from the width (fewer heads on a TP shard)."""
+        return x.view(x.shape[0], x.shape[1], x.shape[2] // self.head_dim, self.head_dim)
 
 
 class FeedForward(nn.Module):

@@ -77,12 +77,13 @@ def train(cfg: RunConfig) -> dict:
 
     model = parallelize(build_model(cfg, device), cfg)
     optimizer = build_optimizer(cfg, model, device)
+    batches = TrainBatches(train_data, cfg.train.global_batch_size, cfg.train.seed)
     start_step, run_id = 0, None
     ckpt = resume_point(cfg, run_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
+        batches.load_state_dict(state["data"])
         start_step, run_id = state["step"], state.get("wandb_run_id")
-    batches = TrainBatches(train_data, cfg.train.global_batch_size, cfg.train.seed, start_step=start_step)
 
     logger = MetricsLogger(run_dir, cfg.logging, enabled=True,
                            run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
@@ -92,9 +93,10 @@ def train(cfg: RunConfig) -> dict:
 
     losses: dict[int, float] = {}
     eval_result: dict = {}
+    end = cfg.train.stop_at_step or cfg.train.steps
     model.train()
     for step, batch in batches:
-        if step >= cfg.train.steps:
+        if step >= end:
             break
         plan = step_plan(cfg, step)
         lr = learning_rate(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
@@ -124,11 +126,11 @@ def train(cfg: RunConfig) -> dict:
                                f"gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}")
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
             eval_result = run_evaluation(cfg, model, val_data, device, logger, step, run_dir)
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
             save_checkpoint(run_dir, done, model, optimizer,
                             {"data": batches.state_dict(), "wandb_run_id": logger.run_id},
                             config_yaml, cfg.checkpoint.keep)
-    if start_step < cfg.train.steps:
+    if start_step < end == cfg.train.steps:
         eval_result = run_evaluation(cfg, model, val_data, device, logger, cfg.train.steps - 1, run_dir)
         logger.write(format_eval_table(eval_result))
     logger.close()

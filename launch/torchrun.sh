@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Launch LayerSkip training with torchrun, on one node or several (c10d rendezvous).
+#
+#   launch/torchrun.sh [--nproc N] [--nnodes N] [--node-rank R] [--endpoint HOST:PORT]
+#                      [--run-id ID] [--module pretrain.train] -- [hydra overrides...]
+#
+# Each option falls back to an environment variable: NPROC_PER_NODE, NNODES, NODE_RANK,
+# RDZV_ENDPOINT (default localhost:29500), RDZV_ID, and for Slurm jobs SLURM_NNODES / SLURM_NODEID
+# / SLURM_JOB_ID. Every rank gets the same run_dir (pass run_dir=... or name=...; the default
+# runs/<name> has no timestamp), so all ranks write to one Hydra run directory.
+set -euo pipefail
+
+nproc="${NPROC_PER_NODE:-}"
+nnodes="${NNODES:-${SLURM_NNODES:-1}}"
+node_rank="${NODE_RANK:-${SLURM_NODEID:-0}}"
+endpoint="${RDZV_ENDPOINT:-localhost:29500}"
+run_id="${RDZV_ID:-${SLURM_JOB_ID:-layerskip}}"
+module="pretrain.train"
+python="${PYTHON:-python}"
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --nproc) nproc="$2"; shift 2 ;;
+    --nnodes) nnodes="$2"; shift 2 ;;
+    --node-rank) node_rank="$2"; shift 2 ;;
+    --endpoint) endpoint="$2"; shift 2 ;;
+    --run-id) run_id="$2"; shift 2 ;;
+    --module) module="$2"; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) break ;;
+  esac
+done
+
+if [[ -z "$nproc" ]]; then
+  nproc=$("$python" -c "import torch; print(torch.cuda.device_count() or 1)")
+fi
+
+exec "$python" -m torch.distributed.run \
+  --nnodes="$nnodes" --nproc-per-node="$nproc" --node-rank="$node_rank" \
+  --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="$run_id" \
+  --max-restarts=0 \
+  -m "$module" "$@"

@@ -1,0 +1,57 @@
+"""Per-exit evaluation of a trained model:
+
+    python -m pretrain.eval --checkpoint runs/demo [--data-dir DIR] [--batches N] [--out eval.json]
+
+Prints per exit the held-out loss, perplexity, top-1 agreement with the final layer and the
+expected self-speculative speedup; writes the same as JSON (default: <run_dir>/eval.json)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pretrain.checkpoint.inference import load_model, resolve_checkpoint
+from pretrain.data.dataset import PackedDataset
+from pretrain.data.loader import validation_batches
+from pretrain.device import select_device
+from pretrain.evaluation.early_exit_eval import evaluate_exits, format_eval_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_N")
+    parser.add_argument("--data-dir", help="prepared data (default: the run's data.dir)")
+    parser.add_argument("--batches", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-draft-len", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="JSON output (default: <run_dir>/eval.json)")
+    args = parser.parse_args(argv)
+
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_cfg = OmegaConf.load(ckpt / "config.yaml")
+    data_dir = args.data_dir or run_cfg.data.dir
+    device = select_device(args.device)
+    model, _ = load_model(ckpt, device=device)
+    val = PackedDataset(data_dir, "val")
+    with torch.no_grad():
+        result = evaluate_exits(model, validation_batches(val, args.batch_size, max_batches=args.batches),
+                                device, args.max_draft_len)
+    result["checkpoint"] = str(ckpt)
+    out = Path(args.out) if args.out else ckpt.parent.parent / "eval.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(format_eval_table(result))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
