@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 # Prepare the standard-library corpus, train a small LayerSkip model from scratch on CPU,
 # evaluate every exit and print the table. Run directory: runs/demo.
 demo: setup
-	$(PY) -m pretrain.data.prepare --out data/demo --max-bytes 6000000 --vocab-size 4096 --seq-len 128
+	$(PY) -m pretrain.data.prepare --out data/demo --max-bytes 8000000 --vocab-size 4096 --seq-len 128 --val-fraction 0.03
 	$(PY) -m pretrain.train preset=demo checkpoint.resume=none
 	$(PY) -m pretrain.eval --checkpoint runs/demo
 
