@@ -14,6 +14,11 @@ class ModelConfig:
     ffn_dim: int = 704  # hidden width of the SwiGLU MLP
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    # Llama-3 style RoPE frequency scaling; factor 1.0 = none.
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02

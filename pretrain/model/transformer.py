@@ -32,7 +32,7 @@ class LayerSkipTransformer(nn.Module):
         # When False, a block whose rows are all dropped still runs on an empty batch, so that
         # sharded-weight collectives (FSDP) happen on every rank. Set by parallel/.
         self.skip_empty_blocks = True
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=self._rope_scaling())
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -57,9 +57,17 @@ class LayerSkipTransformer(nn.Module):
     def init_rope_buffers(self) -> None:
         """Recompute RoPE tables (after materialising a meta-device model)."""
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                               device=self.rope_cos.device)
+                               device=self.rope_cos.device, scaling=self._rope_scaling())
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def _rope_scaling(self) -> dict | None:
+        c = self.cfg
+        if c.rope_scaling_factor == 1.0:
+            return None
+        return {"factor": c.rope_scaling_factor, "low_freq_factor": c.rope_low_freq_factor,
+                "high_freq_factor": c.rope_high_freq_factor,
+                "original_max_positions": c.rope_original_max_positions}
 
     def rope(self, seq_len: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if positions is None:
