@@ -64,7 +64,7 @@ def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_head
     ref_grads = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
     for micro in (8, 4, 2, 1):
         loss, grads = _grads_for_split(tiny_model, plan, batch, micro)
-        assert abs(loss - float(ref_loss)) < 1e-5
+        assert abs(loss - ref_loss.item()) < 1e-5
         assert grads.keys() == ref_grads.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)

@@ -119,3 +119,29 @@ def test_seq_len_mismatch_with_data_is_a_config_error(data_dir, tmp_path):
     from pretrain.config import ConfigError
     with pytest.raises(ConfigError, match="train.seq_len"):
         train(run_config(data_dir, tmp_path / "x", "train.seq_len=16"))
+
+
+def test_continual_pretraining_from_hf_checkpoint(data_dir, tmp_path):
+    """preset=continual with checkpoint.init_from=<HF dir>: the model shape and weights come from
+    the checkpoint; the first step's loss equals transformers' loss on the same batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pretrain.data.dataset import PackedDataset
+    from pretrain.data.loader import TrainBatches
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=96,
+                                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = run_config(data_dir, tmp_path / "run", "preset=continual", f"checkpoint.init_from={tmp_path / 'hf'}",
+                     "train.steps=2", "layerskip=off", "layerskip.layer_dropout.p_max=0.0",
+                     "train.micro_batch_size=8")
+    summary = train(cfg)
+    batch = TrainBatches(PackedDataset(data_dir), 8, seed=0).batch(0)
+    with torch.no_grad():
+        logits = hf(input_ids=batch["tokens"]).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+    assert summary["losses"][0] == pytest.approx(float(expected), rel=1e-5)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "dim: 48" in saved and "tie_embeddings: true" in saved and "time_scale: constant" in saved

@@ -63,8 +63,10 @@ class MetricsLogger:
             self.wandb_run = wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
                 tags=list(cfg.wandb.tags), config=run_config, dir=str(run_dir), mode=mode,
-                id=run_id, resume="allow")
+                id=run_id, resume="allow", settings=wandb.Settings(silent=True))
             self.run_id = self.wandb_run.id
+            where = self.wandb_run.url if mode == "online" else f"{self.wandb_run.dir} (offline; `wandb sync` uploads it)"
+            print(f"wandb run {self.run_id}: {where}", flush=True)
         if cfg.progress_bar:
             from tqdm.auto import tqdm
 

@@ -122,8 +122,9 @@ def train(cfg: RunConfig) -> dict:
                         "step_time_s": elapsed,
                         "blocks_run_fraction": result.rows_run / max(result.rows_total, 1),
                         "layer_dropout_rate": list(plan.drop_rates)},
-                       console=f"step {step:>6d} loss {result.loss:.4f} lr {lr:.2e} "
-                               f"gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}")
+                       console=f"step {step:>6d} loss {result.loss:.4f} "
+                               f"(exit {cfg.model.n_layers}: {result.exit_losses[cfg.model.n_layers]:.4f}) "
+                               f"lr {lr:.2e} gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}")
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
             eval_result = run_evaluation(cfg, model, val_data, device, logger, step, run_dir)
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
