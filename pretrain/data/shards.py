@@ -1,8 +1,11 @@
 """Webdataset-compatible tar shards of packed token sequences.
 
-A shard `<split>-NNNNNN.tar` holds one member per sample, `<sample id>.tokens.npy`, an array of
-seq_len + 1 token ids (inputs and shifted targets). Shards are plain (uncompressed) tars, so
+A shard `<split>-NNNNNN.tar` holds one member per sample, `<sample id>.tokens.npy` (the id
+zero-padded to 12 digits, counted from 0 across the split's shards): an array of seq_len + 1
+token ids (inputs and shifted targets). Shards are plain (uncompressed) USTAR tars, so
 `webdataset.WebDataset` streams them and PackedDataset reads any sample at its byte offset.
+Every byte of a shard is a function of the samples (fixed member metadata), so preparing the
+same corpus twice gives identical files.
 """
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+FORMAT_VERSION = 1
 MEMBER_SUFFIX = ".tokens.npy"
+KEY_DIGITS = 12
+SPLITS = ("train", "val")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -22,7 +28,11 @@ def shard_name(split: str, index: int) -> str:
 
 
 def sample_key(sample_id: int) -> str:
-    return f"{sample_id:012d}"
+    return f"{sample_id:0{KEY_DIGITS}d}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
 
 def file_sha256(path: Path) -> str:
@@ -33,27 +43,38 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ShardWriter:
-    """Writes samples of one split into shards of `samples_per_shard`, each written to a
-    temporary file and renamed when complete. `shards` lists what was written."""
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
-    def __init__(self, out_dir: Path, split: str, samples_per_shard: int, dtype: np.dtype):
-        self.out_dir, self.split, self.per_shard, self.dtype = Path(out_dir), split, samples_per_shard, dtype
+
+class ShardWriter:
+    """Writes the samples of one split into shards of `samples_per_shard`; each shard is written
+    to `<name>.tmp` and renamed into place when complete. `shards` lists what was written."""
+
+    def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int, dtype: np.dtype,
+                 sample_len: int):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+        self.out_dir, self.split, self.per_shard = Path(out_dir), split, samples_per_shard
+        self.dtype, self.sample_len = np.dtype(dtype), sample_len
         self.shards: list[dict] = []
         self.next_id = 0
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
+        self._first = 0
         self._in_shard = 0
 
     def add(self, tokens: np.ndarray) -> None:
+        if tokens.shape != (self.sample_len,):
+            raise ValueError(f"a sample has shape {tokens.shape}, expected ({self.sample_len},)")
         if self._tar is None:
             self._open()
-        buf = io.BytesIO()
-        np.save(buf, tokens.astype(self.dtype), allow_pickle=False)
+        data = npy_bytes(tokens.astype(self.dtype, copy=False))
         info = tarfile.TarInfo(sample_key(self.next_id) + MEMBER_SUFFIX)
-        info.size = buf.tell()
-        buf.seek(0)
-        self._tar.addfile(info, buf)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        self._tar.addfile(info, io.BytesIO(data))
         self.next_id += 1
         self._in_shard += 1
         if self._in_shard == self.per_shard:
@@ -68,13 +89,22 @@ class ShardWriter:
 
     def _close(self) -> None:
         self._tar.close()
+        self._tar = None
         final = self._tmp.with_suffix("")  # drop ".tmp"
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(self._tmp, final)
         self.shards.append({"file": final.name, "samples": self._in_shard, "first_id": self._first,
                             "bytes": final.stat().st_size, "sha256": file_sha256(final)})
-        self._tar = None
 
     def finish(self) -> list[dict]:
         if self._tar is not None:
             self._close()
         return self.shards
+
+    def abort(self) -> None:
+        """Drop a partly written shard (after an error)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            self._tmp.unlink(missing_ok=True)
