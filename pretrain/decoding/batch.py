@@ -19,7 +19,11 @@ class DecodeStats:
     drafted: int = 0              # draft tokens proposed (self-speculative)
     accepted: int = 0             # of which accepted
     rounds: int = 0               # forward rounds per row (draft+verify, or one step), summed over rows
-    layer_evals: int = 0          # block evaluations (one block on one position of one row), after prefill
+    # Sequential cost, after the prefill: one block called once for one row counts 1, however many
+    # positions it processes (weight loading and per-call overhead dominate decoding). The speedup
+    # formula's denominator γE + L per round counts the same thing.
+    layer_evals: int = 0
+    position_layer_evals: int = 0  # compute-bound cost: one block on one position of one row
     prefill_layer_evals: int = 0
     head_evals: int = 0           # exit-head evaluations per position, after prefill
     wall_s: float = 0.0
@@ -31,7 +35,9 @@ class DecodeStats:
         return {"generated_tokens": self.generated, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance": self.accepted / self.drafted if self.drafted else None,
                 "rounds": self.rounds, "tokens_per_round": self.generated / max(self.rounds, 1),
-                "layer_evals_per_token": self.layer_evals / gen, "head_evals_per_token": self.head_evals / gen,
+                "layer_evals_per_token": self.layer_evals / gen,
+                "position_layer_evals_per_token": self.position_layer_evals / gen,
+                "head_evals_per_token": self.head_evals / gen,
                 "wall_s": self.wall_s, "tokens_per_s": self.generated / self.wall_s if self.wall_s else None,
                 "mean_exit_layer": sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else None,
                 "mean_draft_len": sum(self.draft_lens) / len(self.draft_lens) if self.draft_lens else None}
@@ -102,11 +108,12 @@ class BlockRunner:
         self.cache.set_positions(positions)
         h, captured = self.model.run_layers(h, positions=positions, cache=self.cache, start=start, stop=stop,
                                             exits=exits)
-        work = (stop - start) * positions.shape[1] * int(active.sum())
+        calls = (stop - start) * int(active.sum())
         if self.counting_prefill:
-            self.stats.prefill_layer_evals += work
+            self.stats.prefill_layer_evals += calls
         else:
-            self.stats.layer_evals += work
+            self.stats.layer_evals += calls
+            self.stats.position_layer_evals += calls * positions.shape[1]
         return h, captured
 
     def head(self, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Beyond a static exit E and draft length γ.
 
-AdaptiveDraftLength: stop drafting when the draft's top-1 probability falls below a threshold τ;
+AdaptiveDraftLength: after the first draft token, stop drafting when the draft's top-1
+probability falls below a threshold τ;
 after each round τ moves toward the value that gives the target acceptance:
     τ <- clip(τ + rate · (target - observed acceptance), 0, 0.99)
 (acceptance too low -> stop earlier; too high -> draft longer).

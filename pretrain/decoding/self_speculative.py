@@ -48,7 +48,7 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, exit_layer: int, dra
             early_captured[e].append(cap[e])
         logits = runner.head(h, active)[:, 0]
         token, q = choose(logits, sampling, generator)
-        if adaptive is not None:
+        if adaptive is not None and i > 0:  # one draft always: it is the threshold's feedback
             confidence = (q if q is not None else torch.softmax(logits.float(), -1)).max(-1).values
             newly = ~stopped & (confidence < adaptive.threshold)
             row_limit = torch.where(newly, torch.full_like(row_limit, i), row_limit)
