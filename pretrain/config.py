@@ -86,6 +86,9 @@ class EvalConfig:
     batches: int = 8
     batch_size: int = 8
     max_draft_len: int = 8
+    decode_prompts: int = 4       # held-out prompts decoded at the best (E, γ); 0 = skip
+    decode_prompt_len: int = 32
+    decode_new_tokens: int = 32
 
 
 @dataclass

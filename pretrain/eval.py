@@ -3,7 +3,8 @@
     python -m pretrain.eval --checkpoint runs/demo [--data-dir DIR] [--batches N] [--out eval.json]
 
 Prints per exit the held-out loss, perplexity, top-1 agreement with the final layer and the
-expected self-speculative speedup; writes the same as JSON (default: <run_dir>/eval.json)."""
+expected self-speculative speedup, then decodes a few held-out prompts at the best (E, γ) and
+shows measured next to predicted acceptance; writes the same as JSON (default: <run_dir>/eval.json)."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,10 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint.inference import load_model, resolve_checkpoint
 from pretrain.data.dataset import PackedDataset
-from pretrain.data.loader import validation_batches
+from pretrain.config import EvalConfig
 from pretrain.device import select_device
-from pretrain.evaluation.early_exit_eval import evaluate_exits, format_eval_table
+from pretrain.evaluation.early_exit_eval import format_eval_table
+from pretrain.evaluation.run import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-draft-len", type=int, default=8)
+    parser.add_argument("--decode-prompts", type=int, default=4,
+                        help="held-out prompts decoded at the best (E, γ); 0 skips")
+    parser.add_argument("--decode-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="JSON output (default: <run_dir>/eval.json)")
     args = parser.parse_args(argv)
@@ -42,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(args.device)
     model, _ = load_model(ckpt, device=device)
     val = PackedDataset(data_dir, "val")
+    cfg = EvalConfig(batches=args.batches, batch_size=args.batch_size, max_draft_len=args.max_draft_len,
+                     decode_prompts=args.decode_prompts, decode_new_tokens=args.decode_new_tokens)
     with torch.no_grad():
-        result = evaluate_exits(model, validation_batches(val, args.batch_size, max_batches=args.batches),
-                                device, args.max_draft_len)
+        result = evaluate(model, val, device, cfg)
     result["checkpoint"] = str(ckpt)
     out = Path(args.out) if args.out else ckpt.parent.parent / "eval.json"
     out.write_text(json.dumps(result, indent=2))

@@ -145,3 +145,27 @@ def test_continual_pretraining_from_hf_checkpoint(data_dir, tmp_path):
     assert summary["losses"][0] == pytest.approx(float(expected), rel=1e-5)
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "dim: 48" in saved and "tie_embeddings: true" in saved and "time_scale: constant" in saved
+
+
+def test_generate_cli_on_a_trained_checkpoint(data_dir, tmp_path):
+    run_dir = tmp_path / "gen"
+    train(run_config(data_dir, run_dir, "train.steps=3"))
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    decoding = evaluation["decoding"]  # measured next to predicted, at the best (E, γ)
+    assert decoding["exit_layer"] == evaluation["best"]["exit_layer"]
+    assert set(decoding["measured"]) >= {"acceptance", "tokens_per_round", "layer_evals_per_token"}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n" + json.dumps({"text": "import os"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(run_dir),
+                           "--prompts-file", str(prompts), "--prompt", "class A:", "--max-new-tokens", "8",
+                           "--exit-layer", "2", "--draft-len", "3", "--measure-speedup", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["exit_layer"] == 2 and stats["draft_len"] == 3
+    assert stats["identical_to_autoregressive"] is True
+    assert stats["generated_tokens"] > 0 and "speedup" in stats
+    assert proc.stdout.count("--- ") == 3
+    bad = subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(run_dir),
+                          "--prompt", "x", "--exit-layer", "9"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "exit_layer=9" in bad.stderr and "Traceback" not in bad.stderr

@@ -166,15 +166,19 @@ def prepare_dataset(out: str | Path = DEFAULT_OUT, *, inputs: Sequence[str] | No
     dtype = token_dtype(vocab)
 
     splits = {}
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        writer = ShardWriter(out, split, samples_per_shard, dtype, seq_len + 1)
-        stats = pack(split_docs, tokenizer, eos_id, seq_len, writer, add_special_tokens)
-        splits[split] = {"shards": writer.shards, "samples": stats["samples"], "tokens": stats["tokens"],
-                         "documents": len(split_docs), "encoded_tokens": stats["encoded_tokens"],
-                         "dropped_tokens": stats["dropped_tokens"]}
-    if splits["train"]["samples"] == 0:
-        raise ValueError(f"the training split has {splits['train']['encoded_tokens']} tokens, fewer than "
-                         f"seq_len+1={seq_len + 1}; add text or lower --seq-len")
+    try:
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            writer = ShardWriter(out, split, samples_per_shard, dtype, seq_len + 1)
+            stats = pack(split_docs, tokenizer, eos_id, seq_len, writer, add_special_tokens)
+            splits[split] = {"shards": writer.shards, "samples": stats["samples"], "tokens": stats["tokens"],
+                             "documents": len(split_docs), "encoded_tokens": stats["encoded_tokens"],
+                             "dropped_tokens": stats["dropped_tokens"]}
+        if splits["train"]["samples"] == 0:
+            raise ValueError(f"the training split has {splits['train']['encoded_tokens']} tokens, fewer than "
+                             f"seq_len+1={seq_len + 1}; add text or lower --seq-len")
+    except BaseException:
+        _remove_previous_output(out)  # no half-written dataset
+        raise
     if val_fraction > 0 and splits["val"]["samples"] == 0:
         warnings.warn(f"the validation split of {out} has no samples ({len(val_docs)} documents, "
                       f"{splits['val']['encoded_tokens']} tokens < seq_len+1={seq_len + 1}); "

@@ -18,6 +18,7 @@ class DecodeStats:
     prefill_tokens: int = 0       # of which the first token of each row, produced by the prefill
     drafted: int = 0              # draft tokens proposed (self-speculative)
     accepted: int = 0             # of which accepted
+    rejections: int = 0           # row-rounds that ended on a rejected draft
     rounds: int = 0               # forward rounds per row (draft+verify, or one step), summed over rows
     # Sequential cost, after the prefill: one block called once for one row counts 1, however many
     # positions it processes (weight loading and per-call overhead dominate decoding). The speedup
@@ -33,7 +34,10 @@ class DecodeStats:
     def summary(self) -> dict:
         gen = max(self.generated - self.prefill_tokens, 1)  # tokens produced by decoding rounds
         return {"generated_tokens": self.generated, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance": self.accepted / self.drafted if self.drafted else None,
+                # α: of the drafts the verifier judged (all before the first rejection), the share
+                # accepted; the quantity in the speedup formula. accepted/drafted is lower.
+                "acceptance": self.accepted / (self.accepted + self.rejections) if self.drafted else None,
+                "accepted_per_drafted": self.accepted / self.drafted if self.drafted else None,
                 "rounds": self.rounds, "tokens_per_round": self.generated / max(self.rounds, 1),
                 "layer_evals_per_token": self.layer_evals / gen,
                 "position_layer_evals_per_token": self.position_layer_evals / gen,

@@ -104,6 +104,7 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, exit_layer: int, dra
     stats = runner.stats
     stats.drafted += int(row_limit[active].sum())
     stats.accepted += int(n_accepted[active].sum())
+    stats.rejections += int((n_accepted < row_limit)[active].sum())
     stats.rounds += int(active.sum())
     stats.exit_layers.append(E)
     stats.draft_lens.append(G)

@@ -82,4 +82,10 @@ def format_eval_table(result: dict) -> str:
         b = result["best"]
         lines.append(f"best self-speculative config: E={b['exit_layer']} γ={b['draft_len']} "
                      f"(acceptance {b['acceptance']:.3f}) -> expected {b['speedup']:.2f}x")
+    if "decoding" in result:
+        p, m = result["decoding"]["predicted"], result["decoding"]["measured"]
+        lines.append(f"decoding held-out prompts at that config: acceptance {m['acceptance']:.3f} "
+                     f"(predicted {p['acceptance']:.3f}), tokens/round {m['tokens_per_round']:.2f} "
+                     f"({p['tokens_per_round']:.2f}), layer evals/token {m['layer_evals_per_token']:.2f} "
+                     f"({p['layer_evals_per_token']:.2f})")
     return "\n".join(lines)

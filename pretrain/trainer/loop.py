@@ -5,7 +5,6 @@ import dataclasses
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -14,9 +13,10 @@ from omegaconf import OmegaConf
 from pretrain.checkpoint.store import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data.dataset import PackedDataset
-from pretrain.data.loader import TrainBatches, validation_batches
+from pretrain.data.loader import TrainBatches
 from pretrain.device import select_device, synchronize
-from pretrain.evaluation.early_exit_eval import evaluate_exits, format_eval_table
+from pretrain.evaluation.early_exit_eval import format_eval_table
+from pretrain.evaluation.run import evaluate
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.logger import MetricsLogger
 from pretrain.trainer.build import build_model, build_optimizer, init_model_config, set_learning_rate
@@ -24,7 +24,6 @@ from pretrain.trainer.step import count_step_tokens, train_step
 from parallel.parallelize import parallelize
 from schedules.lr import learning_rate
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def check_data_matches(cfg: RunConfig, data: PackedDataset) -> None:
@@ -50,11 +49,10 @@ def resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
 
 def run_evaluation(cfg: RunConfig, model, val: PackedDataset, device, logger: MetricsLogger,
                    step: int, run_dir: Path) -> dict:
-    batches = validation_batches(val, cfg.eval.batch_size, max_batches=cfg.eval.batches)
-    result = evaluate_exits(model, batches, device, cfg.eval.max_draft_len)
+    result = evaluate(model, val, device, cfg.eval)
     result["step"] = step
     logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
-                "best": result.get("best", {})}, kind="eval")
+                "best": result.get("best", {}), "decoding": result.get("decoding", {})}, kind="eval")
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -77,7 +75,8 @@ def train(cfg: RunConfig) -> dict:
 
     model = parallelize(build_model(cfg, device), cfg)
     optimizer = build_optimizer(cfg, model, device)
-    batches = TrainBatches(train_data, cfg.train.global_batch_size, cfg.train.seed)
+    batches = TrainBatches(train_data, cfg.train.global_batch_size, cfg.train.seed,
+                           prefetch=2 if cfg.data.prefetch else 0)
     start_step, run_id = 0, None
     ckpt = resume_point(cfg, run_dir)
     if ckpt is not None:
