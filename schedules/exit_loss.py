@@ -28,6 +28,8 @@ def exit_importance(layer: int, kind: str) -> float:
 
 def candidate_exits(num_layers: int, exit_layers: Sequence[int] | None) -> list[int]:
     """The exits that may carry a loss: the chosen subset (default all) plus the final exit."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} must be >= 1")
     chosen = range(1, num_layers + 1) if exit_layers is None else exit_layers
     for layer in chosen:
         if not 1 <= layer <= num_layers:
@@ -44,6 +46,8 @@ def exits_on(step: int, *, num_layers: int, exit_layers: Sequence[int] | None = 
         raise ValueError(f"rotation_period={rotation_period} must be >= 1")
     if gradual_steps < 0:
         raise ValueError(f"gradual_steps={gradual_steps} must be >= 0")
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
     L = num_layers
     on = []
     for layer in candidate_exits(L, exit_layers):
@@ -52,7 +56,8 @@ def exits_on(step: int, *, num_layers: int, exit_layers: Sequence[int] | None = 
         elif curriculum == "rotational":
             if layer % rotation_period == step % rotation_period:
                 on.append(layer)
-        elif step >= gradual_steps * (L - layer) / L:
+        elif step * L >= gradual_steps * (L - layer):
+            # t >= T_C·(L-l)/L multiplied out: integer arithmetic, no rounding at the boundaries.
             on.append(layer)
     return on
 
@@ -61,7 +66,8 @@ def exit_loss_weights(step: int, *, num_layers: int, exit_layers: Sequence[int] 
                       importance: str = "sum_l", e_scale: float = 1.0, curriculum: str = "none",
                       rotation_period: int = 1, gradual_steps: int = 0) -> dict[int, float]:
     """{exit: w(t, l)} for the exits on at step t; the weights sum to 1."""
-    if e_scale <= 0:
+    # e_scale = 0 would give zero-weight exits whose head is still computed: switch exits off instead.
+    if not e_scale > 0:
         raise ValueError(f"e_scale={e_scale} must be positive")
     on = exits_on(step, num_layers=num_layers, exit_layers=exit_layers, curriculum=curriculum,
                   rotation_period=rotation_period, gradual_steps=gradual_steps)

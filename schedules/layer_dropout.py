@@ -21,8 +21,11 @@ def _check_kind(kind: str, choices: tuple[str, ...], what: str) -> None:
 def depth_scale(layer: int, num_layers: int, kind: str) -> float:
     """D(l) for block `layer` (0-based) of `num_layers`."""
     _check_kind(kind, DEPTH_SCALES, "depth scale")
-    if num_layers < 1 or not 0 <= layer < num_layers:
-        raise ValueError(f"layer {layer} outside 0..{num_layers - 1}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} must be >= 1")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} outside 0..{num_layers - 1} (blocks are 0-based)")
+    # One block is both the first and the last: treat it as the deepest (x = 1).
     x = layer / (num_layers - 1) if num_layers > 1 else 1.0
     if kind == "uniform":
         return 1.0
@@ -40,8 +43,11 @@ def depth_scale(layer: int, num_layers: int, kind: str) -> float:
 def time_scale(step: int, total_steps: int, kind: str) -> float:
     """S(t) at step `step` (0-based) of `total_steps`."""
     _check_kind(kind, TIME_SCALES, "time scale")
-    if total_steps < 1 or step < 0:
-        raise ValueError(f"step {step} / total_steps {total_steps}: need step >= 0 and total_steps >= 1")
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1")
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    # Clamped so that steps past the planned end (a resumed or extended run) keep the final rate.
     x = min(1.0, step / (total_steps - 1)) if total_steps > 1 else 1.0
     if kind == "constant":
         return 1.0
@@ -53,6 +59,7 @@ def time_scale(step: int, total_steps: int, kind: str) -> float:
 def layer_dropout_rate(step: int, layer: int, *, num_layers: int, total_steps: int, p_max: float,
                        depth: str = "exp", time: str = "constant") -> float:
     """p(l, t) = S(t) · D(l) · p_max."""
+    # p_max = 1 would skip the last block for every sample, leaving it untrained.
     if not 0.0 <= p_max < 1.0:
         raise ValueError(f"p_max={p_max} must be in [0, 1)")
     return time_scale(step, total_steps, time) * depth_scale(layer, num_layers, depth) * p_max
@@ -60,6 +67,8 @@ def layer_dropout_rate(step: int, layer: int, *, num_layers: int, total_steps: i
 
 def layer_dropout_rates(step: int, *, num_layers: int, total_steps: int, p_max: float,
                         depth: str = "exp", time: str = "constant") -> list[float]:
-    """[p(0, t), ..., p(L-1, t)]."""
+    """[p(0, t), ..., p(L-1, t)], one rate per block."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} must be >= 1")
     return [layer_dropout_rate(step, l, num_layers=num_layers, total_steps=total_steps, p_max=p_max,
                                depth=depth, time=time) for l in range(num_layers)]
