@@ -1,23 +1,54 @@
 """Generate text with a LayerSkip model:
 
     python -m pretrain.generate --checkpoint runs/demo --prompt "def main(" --strategy self_speculative \\
-        --exit-layer 2 --draft-len 4 [--adaptive-draft] [--dynamic-exit] [--temperature 0.8 --top-p 0.9] \\
-        [--measure-speedup]
+        --exit-layer 2 --draft-len 4 [--adaptive-draft] [--dynamic-exit] \\
+        [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup]
 
---checkpoint is a run directory, a checkpoints/step_N directory, or a Hugging Face Llama directory.
-Prompts come from --prompt (repeatable) or --prompts-file (JSONL with a "prompt" or "text" field).
-Prints each completion, then one JSON object with the statistics (and the speedup over
-autoregressive decoding of the same prompts with --measure-speedup).
+--checkpoint: a run directory (its newest checkpoint), a checkpoints/step_N directory, or a Hugging
+Face Llama directory (config.json + safetensors + tokenizer.json). Prompts come from --prompt
+(repeatable) and/or --prompts-file (JSONL: {"prompt": ...}, {"text": ...} or a bare string per
+line). Without --exit-layer / --draft-len, the best (E, γ) of the run's eval.json is used when
+there is one, else E = L/4 and γ = 4. Prints each completion, then one JSON object with the
+statistics (with --measure-speedup also autoregressive decoding of the same prompts and the ratio).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from pretrain.decoding import STRATEGIES, DecodeOptions, SamplingConfig, generate
+from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, generate
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--prompt", action="append", help="repeatable")
+    ap.add_argument("--prompts-file", help="JSONL, one prompt per line")
+    ap.add_argument("--strategy", choices=STRATEGIES, default="self_speculative")
+    ap.add_argument("--exit-layer", type=int, help="E: draft (or early-exit) with blocks before E")
+    ap.add_argument("--draft-len", type=int, help="γ: draft tokens per round (the cap with --adaptive-draft)")
+    ap.add_argument("--adaptive-draft", action="store_true", help="stop drafting below a self-tuning confidence")
+    ap.add_argument("--target-acceptance", type=float, default=0.8, help="what --adaptive-draft tunes toward")
+    ap.add_argument("--dynamic-exit", action="store_true", help="choose E and γ online from per-exit acceptance")
+    ap.add_argument("--max-draft-len", type=int, default=8, help="γ range searched by --dynamic-exit")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
+    ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    ap.add_argument("--measure-speedup", action="store_true",
+                    help="also decode autoregressively and report the ratio")
+    ap.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error(f"--batch-size={args.batch_size} must be >= 1")
+    return args
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -25,99 +56,122 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
-                if line.strip():
+                if not line.strip():
+                    continue
+                try:
                     record = json.loads(line)
-                    text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{args.prompts_file}:{lineno}: needs a string 'prompt' or 'text' field")
-                    prompts.append(text)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{args.prompts_file}:{lineno}: not JSON ({err})") from None
+                text = record.get("prompt", record.get("text")) if isinstance(record, dict) else record
+                if not isinstance(text, str):
+                    raise ValueError(f"{args.prompts_file}:{lineno}: needs a string, or an object with a "
+                                     "string 'prompt' or 'text' field")
+                prompts.append(text)
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
     return prompts
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--prompt", action="append")
-    ap.add_argument("--prompts-file")
-    ap.add_argument("--strategy", choices=STRATEGIES, default="self_speculative")
-    ap.add_argument("--exit-layer", type=int, help="E (default: from the run's eval.json best, else L/4)")
-    ap.add_argument("--draft-len", type=int, help="γ (default: from eval.json best, else 4)")
-    ap.add_argument("--adaptive-draft", action="store_true")
-    ap.add_argument("--target-acceptance", type=float, default=0.8)
-    ap.add_argument("--dynamic-exit", action="store_true")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    ap.add_argument("--measure-speedup", action="store_true")
-    ap.add_argument("--device", default="auto")
-    return ap.parse_args(argv)
+def load_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Module, str | None]:
+    """(model, tokenizer.json path or None): a Hugging Face Llama directory or one of our checkpoints."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
+        from pretrain.hf_interop import load_hf_checkpoint
+
+        model, tokenizer = load_hf_checkpoint(p, device=device)
+    else:
+        from pretrain.checkpoint import load_model
+
+        model, tokenizer = load_model(p, device=device)
+    return model.eval(), tokenizer
 
 
 def best_from_eval(checkpoint: str) -> dict:
-    from pathlib import Path
-    for candidate in (Path(checkpoint) / "eval.json", Path(checkpoint).parent.parent / "eval.json"):
+    """The best (exit_layer, draft_len) the run's evaluation found, if any."""
+    path = Path(checkpoint)
+    for candidate in (path / "eval.json", path.parent.parent / "eval.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text()).get("best", {})
+            try:
+                best = json.loads(candidate.read_text()).get("best", {})
+            except (ValueError, AttributeError):
+                return {}
+            return best if isinstance(best, dict) else {}
     return {}
 
 
-def decode_all(model, prompt_ids: list[list[int]], opts: DecodeOptions, batch_size: int):
-    outputs, stats = [], []
+def end_of_text(tokenizer, tokenizer_path: str) -> int | None:
+    try:
+        from pretrain.data.tokenizer import eos_token_id
+
+        return eos_token_id(tokenizer, tokenizer_path)
+    except (ImportError, ValueError):
+        return None
+
+
+def decode_all(model, prompt_ids: list[list[int]], opts: DecodeOptions, batch_size: int
+               ) -> tuple[list[list[int]], DecodeStats]:
+    outputs, total = [], DecodeStats()
     for i in range(0, len(prompt_ids), batch_size):
-        out, st = generate(model, prompt_ids[i:i + batch_size], opts)
+        out, stats = generate(model, prompt_ids[i:i + batch_size], opts)
         outputs += out
-        stats.append(st)
-    total = stats[0]
-    for st in stats[1:]:
-        for field in ("generated", "prefill_tokens", "drafted", "accepted", "rejections", "rounds", "layer_evals",
-                      "position_layer_evals", "prefill_layer_evals", "head_evals", "wall_s"):
-            setattr(total, field, getattr(total, field) + getattr(st, field))
-        total.exit_layers += st.exit_layers
-        total.draft_lens += st.draft_lens
+        total.merge(stats)
     return outputs, total
+
+
+def measure_against_autoregressive(model, prompt_ids, opts: DecodeOptions, batch_size: int, outputs,
+                                   stats: DecodeStats) -> dict:
+    base_opts = DecodeOptions(strategy="autoregressive", max_new_tokens=opts.max_new_tokens,
+                              sampling=opts.sampling, eos_id=opts.eos_id, seed=opts.seed)
+    generate(model, prompt_ids[:1], base_opts, max_new_tokens=2)   # warm-up
+    base_out, base = decode_all(model, prompt_ids, base_opts, batch_size)
+    fast, slow = stats.summary(), base.summary()
+    report = {"autoregressive_tokens_per_s": slow["tokens_per_s"], "autoregressive_wall_s": slow["wall_s"],
+              "speedup": (fast["tokens_per_s"] / slow["tokens_per_s"]
+                          if fast["tokens_per_s"] and slow["tokens_per_s"] else None),
+              "layer_evals_ratio": slow["layer_evals_per_token"] / fast["layer_evals_per_token"]}
+    if opts.sampling.greedy:
+        report["identical_to_autoregressive"] = base_out == outputs
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pretrain.checkpoint.inference import load_model
-    from pretrain.data.tokenizer import eos_token_id, load_tokenizer
     from pretrain.device import select_device
 
     try:
         prompts = read_prompts(args)
-        model, tokenizer_path = load_model(args.checkpoint, device=select_device(args.device))
+        model, tokenizer_path = load_checkpoint(args.checkpoint, select_device(args.device))
         if tokenizer_path is None:
-            raise ValueError(f"{args.checkpoint} has no tokenizer.json next to it")
-        tokenizer = load_tokenizer(tokenizer_path)
+            raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json next to it")
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
         best = best_from_eval(args.checkpoint)
         opts = DecodeOptions(
             strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-            exit_layer=args.exit_layer or best.get("exit_layer"), draft_len=args.draft_len or best.get("draft_len", 4),
-            sampling=SamplingConfig(args.temperature, args.top_k, args.top_p), eos_id=eos_token_id(tokenizer),
-            seed=args.seed, adaptive_draft=args.adaptive_draft, target_acceptance=args.target_acceptance,
-            dynamic_exit=args.dynamic_exit)
+            exit_layer=args.exit_layer or best.get("exit_layer"),
+            draft_len=args.draft_len or best.get("draft_len") or 4,
+            sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+            eos_id=None if args.no_eos else end_of_text(tokenizer, tokenizer_path), seed=args.seed,
+            adaptive_draft=args.adaptive_draft, target_acceptance=args.target_acceptance,
+            dynamic_exit=args.dynamic_exit, max_draft_len=args.max_draft_len)
         prompt_ids = [tokenizer.encode(p).ids for p in prompts]
-        outputs, stats = decode_all(model, prompt_ids, opts, args.batch_size)
-        report = {"strategy": opts.strategy, "exit_layer": opts.exit_layer, "draft_len": opts.draft_len,
-                  "num_layers": model.cfg.n_layers, **stats.summary()}
         if args.measure_speedup:
-            base_opts = DecodeOptions(strategy="autoregressive", max_new_tokens=args.max_new_tokens,
-                                      sampling=opts.sampling, eos_id=opts.eos_id, seed=args.seed)
-            base_out, base = decode_all(model, prompt_ids, base_opts, args.batch_size)
-            report["autoregressive_tokens_per_s"] = base.summary()["tokens_per_s"]
-            report["speedup"] = report["tokens_per_s"] / base.summary()["tokens_per_s"]
-            if opts.sampling.greedy:
-                report["identical_to_autoregressive"] = base_out == outputs
+            generate(model, prompt_ids[:1], opts, max_new_tokens=2)  # warm-up
+        outputs, stats = decode_all(model, prompt_ids, opts, args.batch_size)
+        report = {"strategy": opts.strategy, "num_layers": model.cfg.n_layers,
+                  "exit_layer": opts.exit_layer if opts.exit_layer is not None else max(1, model.cfg.n_layers // 4),
+                  "draft_len": opts.draft_len, "adaptive_draft": opts.adaptive_draft,
+                  "dynamic_exit": opts.dynamic_exit, "prompts": len(prompts), **stats.summary()}
+        if args.measure_speedup:
+            report.update(measure_against_autoregressive(model, prompt_ids, opts, args.batch_size, outputs, stats))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for prompt, out in zip(prompts, outputs):
-        print(f"--- {prompt!r}\n{prompt}{tokenizer.decode(out)}")
+    for i, (ids, out) in enumerate(zip(prompt_ids, outputs)):
+        print(f"--- completion {i}\n{tokenizer.decode(ids + out)}")
     print(json.dumps(report))
     return 0
 

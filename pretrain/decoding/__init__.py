@@ -1,5 +1,8 @@
-from pretrain.decoding.api import STRATEGIES, DecodeOptions, generate
-from pretrain.decoding.batch import DecodeStats
+"""Decoding for LayerSkip models: autoregressive, early exit and self-speculative (KVQ cache)."""
+from pretrain.decoding.api import STRATEGIES, DecodeOptions, generate, make_options
+from pretrain.decoding.kv_cache import ExitQueryCache, StaticKVCache
 from pretrain.decoding.sampling import SamplingConfig
+from pretrain.decoding.stats import DecodeStats
 
-__all__ = ["STRATEGIES", "DecodeOptions", "DecodeStats", "SamplingConfig", "generate"]
+__all__ = ["STRATEGIES", "DecodeOptions", "DecodeStats", "ExitQueryCache", "SamplingConfig", "StaticKVCache",
+           "generate", "make_options"]

@@ -1,15 +1,24 @@
-"""generate(): one entry point for the three strategies."""
+"""generate(): one entry point for the three strategies.
+
+    tokens, stats = generate(model, prompts, strategy="self_speculative", exit_layer=2, draft_len=4,
+                             max_new_tokens=64, temperature=0.8, top_p=0.9, eos_id=0)
+    tokens, stats = generate(model, prompts, DecodeOptions(...))      # the same, options as one object
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from pretrain.decoding.batch import BlockRunner, DecodeStats, Sequences, Timer
-from pretrain.decoding.cache import PositionalKVCache
-from pretrain.decoding.controllers import AdaptiveDraftLength, DynamicExit
+from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
+from pretrain.decoding.dynamic_exit import DynamicExit
+from pretrain.decoding.kv_cache import StaticKVCache
+from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.self_speculative import decode_self_speculative
+from pretrain.decoding.sequences import Sequences
+from pretrain.decoding.stats import DecodeStats, Timer
 from pretrain.decoding.stepwise import decode_stepwise, prefill
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
@@ -20,15 +29,31 @@ class DecodeOptions:
     strategy: str = "self_speculative"
     max_new_tokens: int = 64
     exit_layer: int | None = None        # E; default L // 4 (at least 1)
-    draft_len: int = 4                   # γ (the maximum when adaptive)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    draft_len: int = 4                   # γ (the cap when adaptive; the start when dynamic)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)   # default greedy
     eos_id: int | None = None
     seed: int = 0
     adaptive_draft: bool = False
-    draft_threshold: float = 0.5         # initial τ
+    draft_threshold: float = 0.5         # initial τ of the adaptive draft length
     target_acceptance: float = 0.8
     dynamic_exit: bool = False
     max_draft_len: int = 8               # γ range searched by the dynamic exit
+    probe_every: int = 4                 # dynamic exit: rounds between reads of candidate exits
+    probe_window: int = 2                # dynamic exit: candidates within E ± window
+
+
+def make_options(options: DecodeOptions | None = None, **kwargs) -> DecodeOptions:
+    """DecodeOptions from an object and/or keywords; temperature, top_k and top_p are accepted as
+    keywords for the sampling configuration."""
+    sampling_keys = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p") if k in kwargs}
+    known = {f.name for f in dataclasses.fields(DecodeOptions)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unknown decoding option(s): {', '.join(unknown)}")
+    opts = dataclasses.replace(options or DecodeOptions(), **kwargs)
+    if sampling_keys:
+        opts.sampling = dataclasses.replace(opts.sampling, **sampling_keys)
+    return opts
 
 
 def _validate(opts: DecodeOptions, num_layers: int) -> int:
@@ -41,36 +66,47 @@ def _validate(opts: DecodeOptions, num_layers: int) -> int:
         raise ValueError(f"draft_len={opts.draft_len} and max_draft_len={opts.max_draft_len} must be >= 1")
     if opts.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={opts.max_new_tokens} must be >= 1")
+    if opts.probe_every < 1 or opts.probe_window < 0:
+        raise ValueError(f"probe_every={opts.probe_every} must be >= 1 and probe_window={opts.probe_window} >= 0")
     return exit_layer
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompts: list[list[int]], opts: DecodeOptions
-             ) -> tuple[list[list[int]], DecodeStats]:
-    """New tokens per prompt (prompts may differ in length) and the decoding statistics."""
+def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOptions | None = None,
+             **kwargs) -> tuple[list[list[int]], DecodeStats]:
+    """New tokens per prompt (prompts may differ in length; each row stops at eos_id, included, or
+    after max_new_tokens) and the decoding statistics. Keywords: the fields of DecodeOptions, plus
+    temperature / top_k / top_p."""
+    opts = make_options(options, **kwargs)
     L = model.cfg.n_layers
+    if len(model.layers) != L:
+        raise ValueError("decoding needs every block of the model on this process")
     exit_layer = _validate(opts, L)
     device = model.tok_embeddings.weight.device
     was_training = model.training
     model.eval()
-    gamma_cap = max(opts.draft_len, opts.max_draft_len if opts.dynamic_exit else 0)
-    seqs = Sequences(prompts, opts.max_new_tokens, opts.eos_id, spare=gamma_cap + 2, device=device)
+    speculative = opts.strategy == "self_speculative"
+    gamma_cap = max(opts.draft_len, opts.max_draft_len if opts.dynamic_exit else 0) if speculative else 0
+    seqs = Sequences(prompts, opts.max_new_tokens, opts.eos_id, spare=gamma_cap + 1, device=device)
     if seqs.capacity > model.cfg.max_seq_len:
         raise ValueError(f"longest prompt + max_new_tokens + draft needs {seqs.capacity} positions, "
                          f"the model allows {model.cfg.max_seq_len}")
     stats = DecodeStats()
-    runner = BlockRunner(model, PositionalKVCache.for_model(model, len(prompts), seqs.capacity), stats)
+    runner = BlockRunner(model, StaticKVCache.for_model(model, seqs.batch, seqs.capacity), stats)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
-    prefill_stop = exit_layer if opts.strategy == "early_exit" else L
-    with Timer(stats, device):
-        prefill(runner, seqs, prefill_stop, opts.sampling, generator)
-        if opts.strategy == "self_speculative":
-            adaptive = (AdaptiveDraftLength(opts.draft_threshold, opts.target_acceptance)
-                        if opts.adaptive_draft else None)
-            dynamic = (DynamicExit(L, exit_layer, opts.draft_len, gamma_cap) if opts.dynamic_exit else None)
-            decode_self_speculative(runner, seqs, exit_layer, opts.draft_len, opts.sampling, generator,
-                                    adaptive, dynamic)
-        else:
-            decode_stepwise(runner, seqs, prefill_stop, opts.sampling, generator)
-    model.train(was_training)
+    stop = exit_layer if opts.strategy == "early_exit" else L
+    try:
+        with Timer(stats, device):
+            prefill(runner, seqs, stop, opts.sampling, generator)
+            if speculative:
+                adaptive = (AdaptiveDraftLength(opts.draft_threshold, opts.target_acceptance)
+                            if opts.adaptive_draft else None)
+                dynamic = (DynamicExit(L, exit_layer, opts.draft_len, gamma_cap, probe_every=opts.probe_every,
+                                       window=opts.probe_window) if opts.dynamic_exit else None)
+                decode_self_speculative(runner, seqs, exit_layer, opts.draft_len, opts.sampling, generator,
+                                        adaptive, dynamic, gamma_cap)
+            else:
+                decode_stepwise(runner, seqs, stop, opts.sampling, generator)
+    finally:
+        model.train(was_training)
     return seqs.outputs(), stats

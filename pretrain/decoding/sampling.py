@@ -71,3 +71,8 @@ def residual_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor,
     mass = residual.sum(-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs)
     return torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+
+
+def acceptance_probability(draft_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Probability that speculative sampling accepts a token drafted from q: sum_v min(p, q) [...]."""
+    return torch.minimum(draft_probs, target_probs).sum(-1)

@@ -1,140 +1,167 @@
-"""Self-speculative decoding with the KVQ cache, batched.
+"""Self-speculative decoding with the KVQ cache, batched over rows of different lengths.
 
-One round per row, with N-1 the position of the last committed token (not yet run):
-  draft   for i = 0..γ-1: blocks [0, E) on the previous token at position N-1+i, the shared head
-          gives draft d_{i+1}; the exit hidden state is kept (exit-query cache);
-  verify  blocks [0, E) on d_γ only (the one draft not yet cached), then blocks [E, L) on the γ+1
-          kept exit hidden states at positions N-1..N-1+γ in one forward; the head gives the full
-          model's prediction after each of them;
-  accept  the longest agreeing prefix (greedy) or speculative-sampling acceptance, plus one token
-          from the full model (correction or bonus).
-Both block ranges write one shared KV cache; rejected positions are overwritten next round (see
-cache.py), so cropping costs nothing.
+A round, for every row at once; N-1 is the position of the row's last committed token, which has
+not been run yet (every layer's KV cache holds positions < N-1):
+  draft   for i = 0..γ-1: blocks [0, E) on the previous token at position N-1+i (writing the early
+          blocks' KV), the shared head gives draft d_{i+1}; the exit hidden state goes to the
+          exit-query cache;
+  verify  blocks [0, E) on d_γ only, the one draft not yet cached, then blocks [E, L) on the γ+1
+          cached exit hidden states, positions N-1..N-1+γ, in one forward; the head gives the
+          full model's prediction after each of them;
+  accept  per row, the longest accepted prefix (greedy: agreeing with the full model's argmax;
+          sampling: accepted with probability min(1, p/q)), plus one token of the full model: its
+          argmax, a draw from norm(max(0, p - q)) after a rejection, or from p when all drafts
+          were accepted (the bonus token);
+  crop    every layer's KV (early and late) back to the committed tokens but the last, and the
+          exit-query cache to empty: rejected drafts are gone. Rows that already finished ride
+          along and are cropped back each round.
 """
 from __future__ import annotations
 
 import torch
 
-from pretrain.decoding.batch import BlockRunner, Sequences
-from pretrain.decoding.controllers import AdaptiveDraftLength, DynamicExit
-from pretrain.decoding.sampling import (SamplingConfig, accept_drafts, choose, probabilities,
-                                        residual_sample)
+from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
+from pretrain.decoding.dynamic_exit import DynamicExit
+from pretrain.decoding.kv_cache import ExitQueryCache
+from pretrain.decoding.runner import BlockRunner
+from pretrain.decoding.sampling import (SamplingConfig, acceptance_probability, accept_drafts, choose,
+                                        probabilities, residual_sample)
+from pretrain.decoding.sequences import Sequences
 
 
-def speculative_round(runner: BlockRunner, seqs: Sequences, exit_layer: int, draft_len: int,
-                      sampling: SamplingConfig, generator: torch.Generator | None,
+def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCache, exit_layer: int,
+                      draft_len: int, sampling: SamplingConfig, generator: torch.Generator | None,
                       adaptive: AdaptiveDraftLength | None = None, probes: list[int] = ()
-                      ) -> dict[int, tuple[int, int]]:
-    """Run one draft/verify round for every row; returns {exit: (agreed, compared)} for the exit
-    used and any probed exits (greedy top-1 agreement with the full model on committed inputs)."""
-    L = runner.model.cfg.n_layers
-    E = exit_layer
-    active = seqs.active
-    B = len(seqs.length)
+                      ) -> dict[int, tuple[float, int]]:
+    """One draft/verify round for every unfinished row. Returns {exit: (score, positions)}, the
+    per-exit acceptance evidence (see dynamic_exit.py) for the exit used and the probed exits."""
+    L, E = runner.num_layers, exit_layer
     device = seqs.tokens.device
-    base = seqs.length - 1
+    active = seqs.active
+    rows = int(active.sum())
+    # a round commits at most γ+1 tokens: no drafting past what any row may still take
+    gamma = min(draft_len, seqs.most_remaining() - 1)
     early_probes = [e for e in probes if e < E]
-    late_probes = [e for e in probes if e > E]
-
-    kept, drafts, draft_probs, draft_top = [], [], [], []
+    late_probes = [e for e in probes if E < e < L]
     early_captured: dict[int, list[torch.Tensor]] = {e: [] for e in early_probes}
-    row_limit = torch.full((B,), draft_len, dtype=torch.long, device=device)
-    stopped = torch.zeros(B, dtype=torch.bool, device=device)
-    previous = seqs.last_tokens()
-    for i in range(draft_len):
-        h, cap = runner.blocks(runner.embed(previous[:, None]), (base + i)[:, None], 0, E, active, early_probes)
-        kept.append(h)
+
+    def early_blocks(tokens: torch.Tensor) -> torch.Tensor:
+        h, captured = runner.blocks(runner.embed(tokens[:, None]), 0, E, rows, early_probes)
+        queries.append(h)
         for e in early_probes:
-            early_captured[e].append(cap[e])
-        logits = runner.head(h, active)[:, 0]
+            early_captured[e].append(captured[e])
+        return h
+
+    # --- draft
+    drafts, draft_q, draft_logits = [], [], []
+    limit = torch.full((seqs.batch,), max(gamma, 0), dtype=torch.long, device=device)
+    stopped = ~active
+    previous = seqs.last_tokens()
+    for i in range(gamma):
+        logits = runner.head(early_blocks(previous), rows)[:, 0]
+        draft_logits.append(logits)
         token, q = choose(logits, sampling, generator)
         if adaptive is not None and i > 0:  # one draft always: it is the threshold's feedback
-            confidence = (q if q is not None else torch.softmax(logits.float(), -1)).max(-1).values
-            newly = ~stopped & (confidence < adaptive.threshold)
-            row_limit = torch.where(newly, torch.full_like(row_limit, i), row_limit)
-            stopped |= newly
-            if bool(stopped[active].all()):
-                break  # the unconfident token is dropped; its input's hidden state is kept
+            unsure = ~stopped & adaptive.unsure(q if q is not None else torch.softmax(logits.float(), -1))
+            limit = torch.where(unsure, i, limit)
+            stopped |= unsure
+            if bool(stopped.all()):
+                break  # the unsure token is dropped; its input's exit state stays cached
         drafts.append(token)
-        draft_probs.append(q)
-        draft_top.append(logits.argmax(-1))
+        draft_q.append(q)
         previous = token
     G = len(drafts)
-    row_limit = row_limit.clamp_max(G)
-    if len(kept) == G:  # d_G has not been through the early blocks yet
-        h, cap = runner.blocks(runner.embed(previous[:, None]), (base + G)[:, None], 0, E, active, early_probes)
-        kept.append(h)
-        for e in early_probes:
-            early_captured[e].append(cap[e])
-    positions = base[:, None] + torch.arange(G + 1, device=device)
-    h, late_captured = runner.blocks(torch.cat(kept, dim=1), positions, E, L, active, late_probes)
-    logits = runner.head(h, active)                                  # [B, G+1, V]
-    target_top = logits.argmax(-1)
+    if queries.count == G:  # d_G has not been through the early blocks yet
+        early_blocks(previous)
 
-    steps = torch.arange(G, device=device)
-    if G == 0:
-        n_accepted = torch.zeros(B, dtype=torch.long, device=device)
-    else:
+    # --- verify
+    h, late_captured = runner.blocks(queries.states(), E, L, rows, late_probes)
+    queries.crop(0)
+    logits = runner.head(h, rows)                                   # [B, G+1, V]
+    target_top = logits.argmax(-1)
+    p = None if sampling.greedy else probabilities(logits, sampling)
+
+    # --- accept
+    if G:
         d = torch.stack(drafts, 1)
         if sampling.greedy:
             ok = d == target_top[:, :G]
         else:
-            p = probabilities(logits[:, :G], sampling)
-            ok = accept_drafts(d, torch.stack(draft_probs, 1), p, generator)
-        ok &= steps[None, :] < row_limit[:, None]
+            ok = accept_drafts(d, torch.stack(draft_q, 1), p[:, :G], generator)
+        ok &= torch.arange(G, device=device)[None, :] < limit[:, None]
         n_accepted = ok.long().cumprod(1).sum(1)
-    # the full model's token at position n_accepted: argmax, a residual draw after a rejection,
-    # or a draw from p when every allowed draft was accepted
+    else:
+        d = torch.zeros(seqs.batch, 0, dtype=torch.long, device=device)
+        n_accepted = torch.zeros(seqs.batch, dtype=torch.long, device=device)
     if sampling.greedy:
         extra = target_top.gather(1, n_accepted[:, None]).squeeze(1)
     else:
-        p_next = probabilities(logits.gather(1, n_accepted[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0],
-                               sampling)
+        p_next = p.gather(1, n_accepted[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]
         extra = torch.multinomial(p_next, 1, generator=generator).squeeze(1)
-        rejected = n_accepted < row_limit
-        if bool(rejected.any()):
-            q_at = torch.stack(draft_probs, 1).gather(
-                1, n_accepted.clamp_max(max(G - 1, 0))[:, None, None].expand(-1, 1, p_next.shape[-1]))[:, 0]
+        rejected = n_accepted < limit
+        if G and bool(rejected.any()):
+            q = torch.stack(draft_q, 1)
+            q_at = q.gather(1, n_accepted.clamp_max(G - 1)[:, None, None].expand(-1, 1, q.shape[-1]))[:, 0]
             extra = torch.where(rejected, residual_sample(p_next, q_at, generator), extra)
-    new = torch.zeros(B, G + 1, dtype=torch.long, device=device)
-    if G:
-        new[:, :G] = torch.stack(drafts, 1)
-    new.scatter_(1, n_accepted[:, None], extra[:, None])
+    new = torch.cat([d, torch.zeros_like(extra)[:, None]], 1).scatter(1, n_accepted[:, None], extra[:, None])
 
+    # --- commit, crop, count
+    drafted, accepted, rejections = torch.stack([
+        limit.masked_fill(~active, 0).sum(), n_accepted.masked_fill(~active, 0).sum(),
+        ((n_accepted < limit) & active).sum()]).tolist()
     stats = runner.stats
-    stats.drafted += int(row_limit[active].sum())
-    stats.accepted += int(n_accepted[active].sum())
-    stats.rejections += int((n_accepted < row_limit)[active].sum())
-    stats.rounds += int(active.sum())
+    stats.generated += seqs.commit(new, n_accepted + 1)
+    runner.crop_to_committed(seqs.length)
+    stats.drafted += drafted
+    stats.accepted += accepted
+    stats.rejections += rejections
+    stats.rounds += rows
     stats.exit_layers.append(E)
     stats.draft_lens.append(G)
-    stats.generated += seqs.commit(new, n_accepted + 1)
     if adaptive is not None:
-        adaptive.update(int(row_limit[active].sum()), int(n_accepted[active].sum()))
+        adaptive.update(accepted, accepted + rejections)
 
-    # agreement with the full model on positions whose inputs were committed (0..n_accepted)
+    # --- per-exit acceptance evidence, on positions whose inputs were committed (0..n_accepted)
     valid = (torch.arange(G + 1, device=device)[None, :] <= n_accepted[:, None]) & active[:, None]
-    agreement = {}
-    if G:
-        top = torch.stack(draft_top, 1)
-        v = valid[:, :G]
-        agreement[E] = (int(((top == target_top[:, :G]) & v).sum()), int(v.sum()))
-    for e, hidden in list(late_captured.items()) + [(e, torch.cat(hs, 1)) for e, hs in early_captured.items()]:
-        top = runner.head(hidden, active).argmax(-1)
-        agreement[e] = (int(((top == target_top) & valid).sum()), int(valid.sum()))
-    return agreement
+    evidence = {}
+    if draft_logits:  # the exit in use, from its own drafts
+        mask = valid[:, :len(draft_logits)]
+        evidence[E] = _score(torch.stack(draft_logits, 1)[mask], logits[:, :mask.shape[1]][mask], sampling)
+    hidden = dict(late_captured)
+    hidden.update({e: torch.cat(hs, 1) for e, hs in early_captured.items()})
+    for e, states in hidden.items():  # probed exits: the shared head on the captured states
+        n = int(valid.sum())
+        if n:
+            evidence[e] = _score(runner.head(states[valid], n), logits[valid], sampling)
+    return evidence
+
+
+def _score(exit_logits: torch.Tensor, full_logits: torch.Tensor, sampling: SamplingConfig) -> tuple[float, int]:
+    """[N, V] logits of an exit and of the full model at N positions -> (sum over the positions of
+    the probability that a draft from the exit is accepted, N)."""
+    if sampling.greedy:
+        score = (exit_logits.argmax(-1) == full_logits.argmax(-1)).sum()
+    else:
+        score = acceptance_probability(probabilities(exit_logits, sampling),
+                                       probabilities(full_logits, sampling)).sum()
+    return float(score), exit_logits.shape[0]
 
 
 def decode_self_speculative(runner: BlockRunner, seqs: Sequences, exit_layer: int, draft_len: int,
                             sampling: SamplingConfig, generator: torch.Generator | None,
-                            adaptive: AdaptiveDraftLength | None = None,
-                            dynamic: DynamicExit | None = None) -> None:
+                            adaptive: AdaptiveDraftLength | None = None, dynamic: DynamicExit | None = None,
+                            max_draft_len: int | None = None) -> None:
+    """Rounds until every row is finished; with `dynamic`, E and γ are re-chosen after each round."""
+    model = runner.model
+    queries = ExitQueryCache(seqs.batch, max(draft_len, max_draft_len or 0) + 1, model.cfg.dim,
+                             dtype=model.tok_embeddings.weight.dtype, device=seqs.tokens.device)
     round_index = 0
-    while not bool(seqs.finished.all()):
+    while not seqs.all_finished():
         probes = dynamic.probe_exits(round_index) if dynamic is not None else []
-        agreement = speculative_round(runner, seqs, exit_layer, draft_len, sampling, generator, adaptive, probes)
+        evidence = speculative_round(runner, seqs, queries, exit_layer, draft_len, sampling, generator,
+                                     adaptive, probes)
         if dynamic is not None:
-            for e, (agreed, total) in agreement.items():
-                dynamic.observe(e, agreed, total)
+            for e, (score, positions) in evidence.items():
+                dynamic.observe(e, score, positions)
             exit_layer, draft_len = dynamic.choose()
         round_index += 1

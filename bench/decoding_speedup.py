@@ -1,0 +1,151 @@
+"""Self-speculative decoding benchmark (issue: decoder), side by side in one run, batch 1 unless said:
+
+- per exit E and draft length γ: wall-clock speedup over autoregressive decoding of the same
+  prompts (greedy; outputs checked identical), acceptance α, layer evaluations per token, and the
+  measured speedup over the one predicted from the measured α, (1-α^(γ+1))/((1-α)(1+γE/L));
+- the same weights exported to the Hugging Face layout and decoded by transformers'
+  generate(assistant_early_exit=E, num_assistant_tokens=γ): identical greedy tokens, and tokens/s;
+- tokens/s at batch 8 vs batch 1.
+
+    python -m bench.decoding_speedup --checkpoint runs/bench_decode [--prompts 8] [--new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from bench.common import interleaved_medians, record
+from pretrain.checkpoint.inference import load_model, resolve_checkpoint
+from pretrain.data.dataset import PackedDataset
+from pretrain.decoding import DecodeOptions, generate
+from schedules.speedup import expected_speedup
+
+
+def decode_each(model, prompts, opts):
+    """Batch 1, prompt after prompt: (outputs, merged stats)."""
+    outs, acc, rej, drafted, evals, gen = [], 0, 0, 0, 0, 0
+    for p in prompts:
+        out, st = generate(model, [p], opts)
+        outs += out
+        acc, rej, drafted = acc + st.accepted, rej + st.rejections, drafted + st.drafted
+        evals, gen = evals + st.layer_evals, gen + st.generated - st.prefill_tokens
+    return outs, {"acceptance": acc / max(acc + rej, 1), "layer_evals_per_token": evals / max(gen, 1)}
+
+
+def hf_generate_each(hf, prompts, new_tokens, exit_layer=None, gamma=None):
+    outs = []
+    for p in prompts:
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+        if exit_layer is not None:
+            kwargs.update(assistant_early_exit=exit_layer, num_assistant_tokens=gamma,
+                          num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+        out = hf.generate(torch.tensor([p]), **kwargs)
+        outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="runs/bench_decode")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--exits", default="1,2,3,4")
+    ap.add_argument("--gammas", default="1,2,3,4,6")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, _ = load_model(ckpt)
+    L = model.cfg.n_layers
+    from omegaconf import OmegaConf
+    val = PackedDataset(OmegaConf.load(ckpt / "config.yaml").data.dir, "val")
+    prompts = [val[i][:args.prompt_len].tolist() for i in range(args.prompts)]
+    n_tok = args.prompts * args.new_tokens
+    ar = DecodeOptions(strategy="autoregressive", max_new_tokens=args.new_tokens)
+    reference, _ = decode_each(model, prompts, ar)
+
+    configs = [(E, g) for E in map(int, args.exits.split(",")) for g in map(int, args.gammas.split(","))]
+    cases = {"autoregressive": lambda: decode_each(model, prompts, ar)}
+    stats = {}
+    for E, g in configs:
+        opts = DecodeOptions(exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
+        outs, stats[(E, g)] = decode_each(model, prompts, opts)
+        assert outs == reference, f"E={E} γ={g}: self-speculative output differs from autoregressive"
+        cases[f"E={E},g={g}"] = (lambda o=opts: decode_each(model, prompts, o))
+    times = interleaved_medians(cases, args.repeats)
+    rows = []
+    for E, g in configs:
+        s = stats[(E, g)]
+        speedup = times["autoregressive"] / times[f"E={E},g={g}"]
+        predicted = expected_speedup(min(s["acceptance"], 1.0), g, E, L)
+        rows.append({"exit_layer": E, "draft_len": g, "tokens_per_s": n_tok / times[f"E={E},g={g}"],
+                     "speedup": speedup, "acceptance": s["acceptance"],
+                     "layer_evals_per_token": s["layer_evals_per_token"], "predicted_speedup": predicted,
+                     "measured_over_predicted": speedup / predicted})
+    best = max(rows, key=lambda r: r["speedup"])
+
+    # transformers' assistant_early_exit on the same weights, at the best config and at γ=best
+    from pretrain.hf_interop import save_hf_checkpoint
+    from transformers import LlamaForCausalLM
+    hf_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_checkpoint(model, tmp)
+        hf = LlamaForCausalLM.from_pretrained(tmp).eval()
+    hf_configs = sorted({(best["exit_layer"], best["draft_len"]), (2, 4), (1, 2)} & set(configs))
+    hf_cases = {"hf autoregressive": lambda: hf_generate_each(hf, prompts, args.new_tokens)}
+    for E, g in hf_configs:
+        theirs = hf_generate_each(hf, prompts, args.new_tokens, E, g)
+        identical = theirs == reference
+        opts = DecodeOptions(exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
+        hf_cases[f"hf E={E},g={g}"] = (lambda E=E, g=g: hf_generate_each(hf, prompts, args.new_tokens, E, g))
+        hf_cases[f"ours E={E},g={g}"] = (lambda o=opts: decode_each(model, prompts, o))
+        hf_rows.append({"exit_layer": E, "draft_len": g, "identical_tokens": identical})
+    hf_times = interleaved_medians(hf_cases, args.repeats)
+    for r in hf_rows:
+        key = f"E={r['exit_layer']},g={r['draft_len']}"
+        r["ours_tokens_per_s"] = n_tok / hf_times[f"ours {key}"]
+        r["hf_tokens_per_s"] = n_tok / hf_times[f"hf {key}"]
+        r["ratio"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
+
+    # batch 8 vs batch 1 at the best config and autoregressive
+    b8 = [prompts[i % len(prompts)] for i in range(8)]
+    best_opts = DecodeOptions(exit_layer=best["exit_layer"], draft_len=best["draft_len"], max_new_tokens=args.new_tokens)
+    batch_cases = {"self-spec batch 1": lambda: decode_each(model, b8, best_opts),
+                   "self-spec batch 8": lambda: generate(model, b8, best_opts),
+                   "autoregressive batch 1": lambda: decode_each(model, b8, ar),
+                   "autoregressive batch 8": lambda: generate(model, b8, ar)}
+    assert generate(model, b8, best_opts)[0] == decode_each(model, b8, ar)[0]
+    batch_times = interleaved_medians(batch_cases, args.repeats)
+
+    lines = [f"Checkpoint `{ckpt}` ({L} layers, dim {model.cfg.dim}); {args.prompts} held-out prompts of "
+             f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy; median of {args.repeats} "
+             "interleaved repeats. Every self-speculative output was checked identical to autoregressive.", "",
+             f"Autoregressive: {n_tok / times['autoregressive']:,.0f} tokens/s (batch 1)", "",
+             "| E | γ | tokens/s | speedup | acceptance α | layer evals/token | predicted speedup | measured/predicted |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['exit_layer']} | {r['draft_len']} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | "
+                     f"{r['acceptance']:.3f} | {r['layer_evals_per_token']:.2f} | {r['predicted_speedup']:.2f}x | "
+                     f"**{r['measured_over_predicted']:.2f}** |")
+    lines += ["", f"Best: E={best['exit_layer']} γ={best['draft_len']}, {best['speedup']:.2f}x.", "",
+              "## vs transformers generate(assistant_early_exit=E) on the exported weights", "",
+              f"transformers autoregressive: {n_tok / hf_times['hf autoregressive']:,.0f} tokens/s", "",
+              "| E | γ | identical greedy tokens | ours tokens/s | transformers tokens/s | ours/theirs |",
+              "|---|---|---|---|---|---|"]
+    for r in hf_rows:
+        lines.append(f"| {r['exit_layer']} | {r['draft_len']} | {r['identical_tokens']} | {r['ours_tokens_per_s']:,.0f} | "
+                     f"{r['hf_tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** |")
+    lines += ["", "## batch 8 vs batch 1 (8 prompts)", "", "| decoder | tokens/s |", "|---|---|"]
+    for name, t in batch_times.items():
+        lines.append(f"| {name} | {8 * args.new_tokens / t:,.0f} |")
+    record("decoding_speedup", "Self-speculative decoding benchmark",
+           {"args": vars(args), "rows": rows, "autoregressive_s": times["autoregressive"], "hf": hf_rows,
+            "hf_seconds": hf_times, "batch_seconds": batch_times}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The KVQ cache of self-speculative decoding: one preallocated KV cache shared by every block and
+every pass (draft, verify, plain decoding), and the exit-query cache of drafted tokens.
+
+Layout. Row b's token at position p lives in slot p of every layer: no padding in the cache, so
+ragged prompts need no left padding and the RoPE position of a token is its slot. Each layer
+keeps a per-row length (valid slots [0, length)). `update` writes the T new keys/values of a row
+at slots [length, length + T) and lets query t attend slots <= length + t (causal); slots past
+a row's length may hold stale values (right padding of a shorter prompt, rejected drafts) and are
+never attended: they are overwritten before any query reaches them. The prompt is prefilled once,
+right-padded to the longest prompt, then `crop(prompt_lengths)` drops the padding.
+
+`crop(lengths, layers)` sets per-row lengths (never longer than what is stored): after a
+verification the decoder crops every layer, early and late, to the committed tokens. Blocks are
+addressed by global index, so a model whose `layers` ModuleDict holds a subset works unchanged.
+
+Masks. Every layer run in one forward starts from the same lengths, so the mask is built once per
+forward and reused: a layer's lengths are (lengths given at its last crop) + (tokens written
+since), identified on the host by (crop generation, tokens written). The same host bookkeeping
+gives the attended span without reading device memory.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class StaticKVCache:
+    """Implements pretrain.model.layers.KVCache for batch `batch` and `capacity` slots per row."""
+
+    def __init__(self, layers: Iterable[int], batch: int, capacity: int, n_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device | str):
+        layers = sorted(layers)
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = {l: torch.zeros(shape, dtype=dtype, device=device) for l in layers}
+        self.v = {l: torch.zeros(shape, dtype=dtype, device=device) for l in layers}
+        self.lengths = {l: torch.zeros(batch, dtype=torch.long, device=device) for l in layers}
+        self.batch, self.capacity = batch, capacity
+        self._slots = torch.arange(capacity, device=device)
+        self._generation = 0
+        self._max_at_crop = {0: 0}                  # generation -> host max of the lengths it set
+        self._state = {l: (0, 0) for l in layers}   # layer -> (generation, tokens written since)
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch: int, capacity: int) -> "StaticKVCache":
+        cfg, weight = model.cfg, model.tok_embeddings.weight
+        return cls([int(name) for name in model.layers], batch, capacity, cfg.n_kv_heads, cfg.head_dim,
+                   dtype=weight.dtype, device=weight.device)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.k)
+
+    def positions(self, layer: int, new_tokens: int) -> torch.Tensor:
+        """[B, T] positions (= slots) the next `new_tokens` tokens of each row take at `layer`."""
+        return self.lengths[layer][:, None] + self._slots[:new_tokens]
+
+    def max_length(self, layer: int) -> int:
+        """Largest row length at `layer`, known on the host."""
+        generation, written = self._state[layer]
+        return self._max_at_crop[generation] + written
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append k, v [B, Hkv, T, Dh]; return slots [0, span) of the layer and the bool mask
+        [B, 1, T, span] (True = attend)."""
+        t = k.shape[2]
+        generation, written = self._state[layer]
+        span = self._max_at_crop[generation] + written + t
+        if span > self.capacity:
+            raise ValueError(f"decoding needs {span} cache slots, the cache holds {self.capacity}")
+        slots = self.positions(layer, t)                                   # [B, T]
+        index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k[layer].scatter_(2, index, k.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
+        self.lengths[layer] += t
+        self._state[layer] = (generation, written + t)
+        key = (generation, written, t)
+        if key != self._mask_key:
+            self._mask = self._slots[None, None, None, :span] <= slots[:, None, :, None]
+            self._mask_key = key
+        return self.k[layer][:, :, :span], self.v[layer][:, :, :span], self._mask
+
+    def crop(self, lengths: torch.Tensor | list[int], layers: Iterable[int] | None = None) -> None:
+        """Keep the first lengths[b] slots of row b in `layers` (default: all); the rest is dropped."""
+        layers = self.layers if layers is None else list(layers)
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=self._slots.device)
+        if lengths.shape != (self.batch,):
+            raise ValueError(f"crop needs one length per row ({self.batch}), got shape {tuple(lengths.shape)}")
+        stored = torch.stack([self.lengths[l] for l in layers])
+        if bool((lengths < 0).any() | (lengths[None, :] > stored).any()):
+            raise ValueError(f"cannot crop to {lengths.tolist()}: longer than stored or negative")
+        self._generation += 1
+        self._max_at_crop[self._generation] = int(lengths.max())
+        for l in layers:
+            self.lengths[l].copy_(lengths)
+            self._state[l] = (self._generation, 0)
+        live = {g for g, _ in self._state.values()}
+        self._max_at_crop = {g: m for g, m in self._max_at_crop.items() if g in live}
+
+
+class ExitQueryCache:
+    """Exit hidden states h_E of tokens that went through blocks [0, E) but not yet [E, L).
+
+    Rows draft in lockstep, so every row holds the same number of entries; entry j of row b belongs
+    to position start[b] + j. The decoder appends one entry per draft step, hands all of them to the
+    late blocks in one forward, then crops to what is still unverified (nothing, after a round).
+    """
+
+    def __init__(self, batch: int, capacity: int, dim: int, *, dtype: torch.dtype, device: torch.device | str):
+        self.h = torch.zeros(batch, capacity, dim, dtype=dtype, device=device)
+        self.count = 0
+
+    def append(self, h: torch.Tensor) -> None:
+        t = h.shape[1]
+        if self.count + t > self.h.shape[1]:
+            raise ValueError(f"exit-query cache holds {self.h.shape[1]} entries per row")
+        self.h[:, self.count:self.count + t] = h
+        self.count += t
+
+    def states(self) -> torch.Tensor:
+        """[B, count, D] the cached exit hidden states, oldest first."""
+        return self.h[:, :self.count]
+
+    def crop(self, count: int) -> None:
+        if not 0 <= count <= self.count:
+            raise ValueError(f"cannot crop {self.count} entries to {count}")
+        self.count = count

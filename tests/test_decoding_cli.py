@@ -1,0 +1,91 @@
+"""python -m pretrain.generate: prompts in, completions and one JSON object of statistics out."""
+import json
+
+import pytest
+import torch
+from test_decoding import make_model, one_thread, reference_greedy  # noqa: F401
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from pretrain import generate as cli
+
+WORDS = ["<|endoftext|>"] + [f"w{i}" for i in range(63)]
+
+
+def ids(text):
+    return [WORDS.index(w) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def fake_checkpoint(monkeypatch, tokenizer_file):
+    """The loader returns a small model in memory: no dependence on the checkpoint format."""
+    model = make_model()
+    monkeypatch.setattr(cli, "load_checkpoint", lambda path, device: (model, tokenizer_file))
+    return model
+
+
+def run(capsys, *argv):
+    code = cli.main(["--checkpoint", "unused", *argv])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    lines = out.out.strip().splitlines()
+    return lines[:-1], json.loads(lines[-1])
+
+
+def test_greedy_generation_prints_text_and_stats(capsys, fake_checkpoint, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w5 w6 w7"}) + "\n\n" + json.dumps("w9") + "\n")
+    text, report = run(capsys, "--prompt", "w1 w2 w3", "--prompts-file", str(prompts_file), "--exit-layer", "2",
+                       "--draft-len", "3", "--max-new-tokens", "12", "--batch-size", "2", "--measure-speedup",
+                       "--no-eos")
+    assert report["prompts"] == 3 and report["strategy"] == "self_speculative"
+    assert report["exit_layer"] == 2 and report["draft_len"] == 3
+    assert report["generated_tokens"] == 36 and report["identical_to_autoregressive"] is True
+    assert report["speedup"] > 0 and report["layer_evals_ratio"] > 0
+    assert {"acceptance", "tokens_per_round", "layer_evals_per_token", "wall_s", "tokens_per_s"} <= set(report)
+    expected = reference_greedy(fake_checkpoint, ids("w1 w2 w3"), 12)
+    assert text[0] == "--- completion 0"
+    assert text[1] == " ".join(["w1", "w2", "w3"] + [WORDS[t] for t in expected])
+    assert text[4] == "--- completion 2" and text[5].startswith("w9 ")
+
+
+@pytest.mark.parametrize("extra", [["--strategy", "early_exit", "--exit-layer", "1"],
+                                   ["--strategy", "autoregressive"],
+                                   ["--adaptive-draft", "--dynamic-exit", "--temperature", "0.8", "--top-k", "10",
+                                    "--top-p", "0.9", "--seed", "3"]])
+def test_strategies_and_options(capsys, fake_checkpoint, extra):
+    text, report = run(capsys, "--prompt", "w1 w2", "--max-new-tokens", "6", *extra)
+    assert len(text) == 2 and report["generated_tokens"] <= 6
+    assert report["adaptive_draft"] == ("--adaptive-draft" in extra)
+
+
+def test_errors_are_reported(capsys, fake_checkpoint, tmp_path):
+    assert cli.main(["--checkpoint", "x"]) == 2
+    assert "at least one --prompt" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"other": 1}\n')
+    assert cli.main(["--checkpoint", "x", "--prompts-file", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", "x", "--prompt", "w1", "--exit-layer", "9"]) == 2
+    assert "exit_layer=9" in capsys.readouterr().err
+
+
+def test_hugging_face_directory(capsys, tokenizer_file, tmp_path):
+    hf = pytest.importorskip("pretrain.hf_interop")
+    model = make_model()
+    hf.save_hf_checkpoint(model, tmp_path / "hf", tokenizer_file=tokenizer_file, eos_token_id=0)
+    code = cli.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "w1 w2 w3", "--max-new-tokens", "8",
+                     "--exit-layer", "2", "--no-eos", "--device", "cpu"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    with torch.no_grad():
+        expected = reference_greedy(model, ids("w1 w2 w3"), 8)
+    assert out[1] == " ".join(["w1", "w2", "w3"] + [WORDS[t] for t in expected])
