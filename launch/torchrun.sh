@@ -8,6 +8,13 @@
 # RDZV_ENDPOINT (default localhost:29500), RDZV_ID, and for Slurm jobs SLURM_NNODES / SLURM_NODEID
 # / SLURM_JOB_ID. Every rank gets the same run_dir (pass run_dir=... or name=...; the default
 # runs/<name> has no timestamp), so all ranks write to one Hydra run directory.
+#
+# Several nodes: run this on every node with the same --nnodes, --endpoint (a host:port the first
+# node can listen on and all can reach) and --run-id. With the c10d rendezvous, ranks are assigned
+# by the rendezvous (torchrun ignores --node-rank there; it is passed for logs and static setups).
+# The product parallel.dp_replicate·dp_shard·tp·pp must equal nnodes·nproc; it is checked before
+# any collective. Example, two nodes of 8 GPUs, TP inside a node, FSDP across:
+#   launch/torchrun.sh --nnodes 2 --node-rank 0 --endpoint node0:29500 -- parallel.tp=8 parallel.dp_shard=2
 set -euo pipefail
 
 nproc="${NPROC_PER_NODE:-}"
@@ -27,13 +34,13 @@ while [[ $# -gt 0 ]]; do
     --run-id) run_id="$2"; shift 2 ;;
     --module) module="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
 
 if [[ -z "$nproc" ]]; then
-  nproc=$("$python" -c "import torch; print(torch.cuda.device_count() or 1)")
+  nproc=$("$python" -c "import torch; print(torch.accelerator.device_count() or 1)")
 fi
 
 exec "$python" -m torch.distributed.run \

@@ -1,7 +1,9 @@
-"""Apply parallelism and memory/speed wrappers to a plain LayerSkipTransformer, in one fixed order:
-tensor parallel -> activation checkpointing -> torch.compile -> FSDP.
+"""Memory/speed wrappers for a plain LayerSkipTransformer: activation checkpointing and
+torch.compile (the single-process trainer's `parallelize`).
 
-The single-process path uses only activation checkpointing and compile.
+Under a parallel layout the order per model part is: tensor parallel -> activation checkpointing
+-> FSDP (see parallel/engine.py; the layout, mesh and process group come from parallel/layout.py
+and parallel/mesh.py; pipeline stages from parallel/pipeline.py).
 """
 from __future__ import annotations
 

@@ -78,6 +78,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     stop_at_step: Optional[int] = None  # end this invocation early (checkpoint, then exit), e.g. a job time limit
+    peak_flops: float = 0.0       # peak FLOP/s of ONE device at train.dtype, for MFU; 0 = MFU not reported
 
 
 @dataclass
@@ -200,6 +201,7 @@ def validate(cfg: RunConfig) -> None:
              tr.global_batch_size,
              f"per-rank batch {tr.global_batch_size // dp} not divisible by train.micro_batch_size={tr.micro_batch_size}")
     _require(tr.dtype in ("float32", "bfloat16"), "train.dtype", tr.dtype, "choose float32 or bfloat16")
+    _require(tr.peak_flops >= 0, "train.peak_flops", tr.peak_flops, "must be >= 0 (0 = no MFU)")
     _require(op.lr > 0, "optim.lr", op.lr, "must be positive")
     _require(op.warmup_steps >= 0, "optim.warmup_steps", op.warmup_steps, "must be >= 0")
     _one_of("optim.decay", op.decay, ("cosine", "linear", "constant"))

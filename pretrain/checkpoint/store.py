@@ -63,20 +63,61 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / TRAINER_STATE).is_file() and (Path(path) / ".metadata").is_file()
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any],
+# Optimizer state keyed by parameter name ("state.<fqn>.exp_avg"), so that a checkpoint written
+# under one parallel layout loads under another, including a split of the model into parts.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _rename(state: dict[str, Any], aliases: dict[str, str], reverse: bool = False) -> dict[str, Any]:
+    """Rename flattened optimizer keys of aliased parameters ('state.<fqn>.*', 'param_groups.<fqn>.*').
+    A part may declare `checkpoint_aliases` {its name: canonical name} for a weight it holds under
+    another name (a pipeline stage's replica of a tied output projection = the embedding)."""
+    if not aliases:
+        return state
+    pairs = [(b, a) if reverse else (a, b) for a, b in aliases.items()]
+    out = {}
+    for key, value in state.items():
+        for src, dst in pairs:
+            for kind in ("state.", "param_groups."):
+                if key.startswith(kind + src + "."):
+                    key = kind + dst + key[len(kind + src):]
+        out[key] = value
+    return out
+
+
+def _collect(models: list, optimizers: list) -> tuple[dict, list[tuple[list[str], list[str]]]]:
+    """Merged {"model": ..., "optim": ...} over the parts, and each part's keys."""
+    merged: dict[str, dict] = {"model": {}, "optim": {}}
+    keys = []
+    for i, model in enumerate(models):
+        opt = optimizers[i] if optimizers else []
+        model_sd, optim_sd = get_state_dict(model, opt, options=_OPTIONS)
+        optim_sd = _rename(optim_sd, getattr(model, "checkpoint_aliases", {}))
+        merged["model"].update(model_sd)
+        merged["optim"].update(optim_sd)
+        keys.append((list(model_sd), list(optim_sd)))
+    if not optimizers:
+        del merged["optim"]
+    return merged, keys
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | list[torch.nn.Module], optimizer, trainer_state: dict[str, Any],
                     config_yaml: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically (all ranks call this) and prune to the newest `keep`."""
+    """Write checkpoint `step` atomically (all ranks call this) and prune to the newest `keep`.
+    `model` / `optimizer`: one module and optimizer, or lists (one per model part, e.g. pipeline
+    stages held by this rank)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
+    state, _ = _collect(_as_list(model), _as_list(optimizer))
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{_rank()}.pt")
     _barrier()
@@ -93,22 +134,22 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module | list[torch.nn.Module], optimizer) -> dict[str, Any]:
     """Load model (and optimizer) in place from a checkpoint written under any layout;
     returns the trainer state. Restores this rank's RNG state when the file exists."""
     path = Path(path)
     if not is_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs {TRAINER_STATE} and DCP .metadata)")
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
+    models, optimizers = _as_list(model), _as_list(optimizer)
+    state, keys = _collect(models, optimizers)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer if optimizer is not None else [],
-                   model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}),
-                   options=StateDictOptions(strict=True))
+    for i, part in enumerate(models):
+        model_keys, optim_keys = keys[i]
+        optim_sd = {k: state["optim"][k] for k in optim_keys} if optimizers else {}
+        set_state_dict(part, optimizers[i] if optimizers else [],
+                       model_state_dict={k: state["model"][k] for k in model_keys},
+                       optim_state_dict=_rename(optim_sd, getattr(part, "checkpoint_aliases", {}), reverse=True),
+                       options=StateDictOptions(strict=True, flatten_optimizer_state_dict=True))
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])

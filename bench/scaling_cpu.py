@@ -1,0 +1,125 @@
+"""Step time against the number of ranks and the layout, CPU gloo (strong scaling: one global
+batch of 16 x 128 tokens, LayerSkip on: p_max 0.2, rotational early-exit loss).
+
+Each rank runs one thread, so up to the machine's core count ranks add compute; beyond it they
+time-share the cores and the numbers show the cost of oversubscription and communication only.
+
+    python -m bench.scaling_cpu [--repeats 5] [--steps-layouts ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# world size -> layouts (ParallelConfig fields)
+LAYOUTS = {
+    1: {"single": {}},
+    2: {"DP2": {"dp_shard": 2}, "TP2": {"tp": 2}, "PP2 1F1B": {"pp": 2}},
+    4: {"DP4": {"dp_shard": 4}, "TP2xDP2": {"tp": 2, "dp_shard": 2}, "PP2xDP2": {"pp": 2, "dp_shard": 2}},
+    8: {"PP2xDP2xTP2": {"pp": 2, "dp_shard": 2, "tp": 2}},
+}
+
+
+def bench_config(parallel: dict):
+    from pretrain.config import RunConfig
+
+    cfg = RunConfig()
+    mc = cfg.model
+    mc.vocab_size, mc.dim, mc.n_layers, mc.n_heads, mc.n_kv_heads, mc.ffn_dim, mc.max_seq_len = \
+        4096, 256, 8, 8, 4, 704, 128
+    tr = cfg.train
+    tr.seq_len, tr.global_batch_size, tr.micro_batch_size, tr.device, tr.steps = 128, 16, 4, "cpu", 100
+    cfg.layerskip.layer_dropout.p_max, cfg.layerskip.layer_dropout.time_scale = 0.2, "constant"
+    cfg.layerskip.early_exit.curriculum, cfg.layerskip.early_exit.rotation_period = "rotational", 2
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def worker(world: int, repeats: int) -> None:
+    import torch.distributed as dist
+
+    from bench.common import interleaved_medians
+    from pretrain.data.loader import rank_slice
+    from pretrain.layerskip.plan import step_plan
+    from pretrain.model import LayerSkipTransformer
+    from parallel.mesh import setup_parallel
+    from parallel.runtime import build_trainer
+
+    cases, times = {}, {}
+    for name, parallel in LAYOUTS[world].items():
+        cfg = bench_config(parallel)
+        ctx, _ = setup_parallel(cfg)
+        torch.manual_seed(0)
+        trainer = build_trainer(cfg, ctx, LayerSkipTransformer(cfg.model))
+        B = cfg.train.global_batch_size
+        seq = torch.randint(0, cfg.model.vocab_size, (B, cfg.train.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        ids = rank_slice(torch.arange(B).numpy(), ctx.dp_rank, ctx.dp_size)
+        batch = {"tokens": seq[ids, :-1], "targets": seq[ids, 1:], "sample_ids": torch.as_tensor(ids)}
+        times[name] = []
+        counter = [0]
+
+        def step(trainer=trainer, batch=batch, cfg=cfg, name=name, counter=counter):
+            if dist.is_initialized():
+                dist.barrier()
+            start = time.perf_counter()
+            trainer.train_step(step_plan(cfg, counter[0]), batch)
+            times[name].append(time.perf_counter() - start)
+            counter[0] += 1
+        cases[name] = step
+    interleaved_medians(cases, repeats=repeats, warmup=1)
+    out = {}
+    for name, ts in times.items():
+        t = torch.tensor([statistics.median(ts[1:])], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out[name] = float(t[0])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--worlds", default="1,2,4,8")
+    ap.add_argument("--worker", type=int, default=0)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.repeats)
+        return
+    from bench.common import record
+
+    rows, tokens = [], 16 * 128
+    for world in (int(w) for w in args.worlds.split(",")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "bench.scaling_cpu", "--worker", str(world), "--repeats", str(args.repeats)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        measured = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        for name, seconds in measured.items():
+            rows.append({"layout": name, "ranks": world, "step_s": seconds, "tokens_per_s": tokens / seconds})
+    base = rows[0]["step_s"]
+    cores = os.cpu_count()
+    table = ["| layout | ranks | step (s) | tokens/s | speedup vs 1 rank |", "|---|---|---|---|---|"]
+    table += [f"| {r['layout']} | {r['ranks']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+              f"{base / r['step_s']:.2f}x{' (oversubscribed)' if r['ranks'] > cores else ''} |" for r in rows]
+    table.append(f"\nOne thread per rank on {cores} cores; step = optimizer step of the whole global batch "
+                 "(slowest rank, median of the repeats); 8 blocks, dim 256, vocab 4096, global batch 16x128, "
+                 "micro-batch 4, LayerSkip p_max 0.2 + rotational exits.")
+    record("scaling_cpu", "Step time vs ranks, CPU gloo", {"rows": rows, "cores": cores, "repeats": args.repeats},
+           "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

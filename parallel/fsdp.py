@@ -1,0 +1,38 @@
+"""FSDP2 (fully_shard) per block plus the root; HSDP when the mesh has dp_replicate.
+
+Two LayerSkip-specific settings:
+  * gradients are SUMMED over data-parallel ranks, not averaged: every micro-batch loss is
+    already divided by the token count of the whole step on all ranks, so the sum is exactly the
+    single-process gradient (a sum-only reduction, which gloo and NCCL both support);
+  * `skip_empty_blocks = False`: FSDP all-gathers a block's weights when the block runs, so a
+    rank whose samples all skip a block must still run it (on an empty batch) or the job hangs.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, reshard_after_forward: bool = True,
+               mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """Shard every block, then the root (embedding, exit head), over `dp_mesh` (1-D: FSDP;
+    2-D (dp_replicate, dp_shard): HSDP)."""
+    kwargs = {"mesh": dp_mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in model.layers.values():
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    model.skip_empty_blocks = False
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn FSDP's gradient reduction off for all but the last micro-batch of a step (grads
+    accumulate unsharded locally, one reduce-scatter per step)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)

@@ -1,0 +1,113 @@
+"""Run several parallel layouts of one world size in a single torchrun launch and compare each
+with the single-process trainer: loss and per-exit losses at every step, final parameters, and
+the pipeline's exit-head replicas.
+
+    torchrun --nproc-per-node 2 tests/parallel_scripts/equality.py tp=2 pp=2,pp_schedule=1F1B ...
+
+Each argument is one layout: comma-separated ParallelConfig fields (plus tie=1, p_max=0.9,
+global_batch=N, micro_batch=N, steps=N, eps=X (Adam), ac=1 (activation checkpointing),
+ckpt_heads=1 (recomputed exit heads)).
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import (fresh_model, global_batch, lr_at, max_rel, rank_batch, reference_run, report,
+                    tiny_config)
+from pretrain.layerskip.plan import step_plan
+from pretrain.trainer.build import set_learning_rate
+from parallel.consolidate import export_hf, full_state_dict
+from parallel.engine import ParallelTrainer
+from parallel.grad_sync import check_replicas_identical
+from parallel.layout import check_layout
+from parallel.mesh import ParallelContext, build_mesh, init_process_group
+
+CFG_KEYS = {"tie": ("tie", lambda v: bool(int(v))), "p_max": ("p_max", float),
+            "global_batch": ("global_batch", int), "micro_batch": ("micro_batch", int), "steps": ("steps", int),
+            "eps": ("adam_eps", float), "ac": ("activation_checkpointing", lambda v: bool(int(v))),
+            "ckpt_heads": ("checkpoint_heads", lambda v: bool(int(v))), "export": ("export", lambda v: bool(int(v)))}
+
+
+def parse(spec: str) -> tuple[dict, dict]:
+    cfg_kwargs, parallel = {}, {}
+    for item in spec.split(","):
+        key, value = item.split("=")
+        if key in CFG_KEYS:
+            name, conv = CFG_KEYS[key]
+            cfg_kwargs[name] = conv(value)
+        else:
+            parallel[key] = value if key == "pp_schedule" else int(value)
+    return cfg_kwargs, parallel
+
+
+def run_layout(spec: str, references: dict) -> dict:
+    cfg_kwargs, parallel = parse(spec)
+    export = cfg_kwargs.pop("export", False)
+    cfg = tiny_config(**cfg_kwargs, **parallel)
+    ref_key = tuple(sorted((k, v) for k, v in cfg_kwargs.items()
+                           if k not in ("activation_checkpointing", "checkpoint_heads")))
+    if ref_key not in references:
+        references[ref_key] = reference_run(tiny_config(**cfg_kwargs))
+    ref_losses, ref_exits, ref_state = references[ref_key]
+    layout = check_layout(cfg, dist.get_world_size())
+    ctx = ParallelContext(layout=layout, device=torch.device("cpu"), mesh=build_mesh(layout, torch.device("cpu")))
+    trainer = ParallelTrainer(cfg, ctx, fresh_model(cfg))
+    worst_loss, worst_exit, rows = 0.0, 0.0, []
+    started = time.perf_counter()
+    for step in range(cfg.train.steps):
+        set_learning_rate(trainer.optimizer, lr_at(cfg, step))
+        batch = rank_batch(global_batch(cfg, step), ctx.dp_rank, ctx.dp_size)
+        result = trainer.train_step(step_plan(cfg, step), batch)
+        worst_loss = max(worst_loss, max_rel(result.loss, ref_losses[step]))
+        assert sorted(result.exit_losses) == sorted(ref_exits[step]), (result.exit_losses, ref_exits[step])
+        for layer, value in result.exit_losses.items():
+            worst_exit = max(worst_exit, max_rel(value, ref_exits[step][layer]))
+        rows.append(result.rows_run / result.rows_total)
+    seconds = (time.perf_counter() - started) / cfg.train.steps
+    replica_gap = check_replicas_identical(trainer.parts, ctx.pp_group) if layout.pp > 1 else 0.0
+    state = full_state_dict(trainer.parts, ctx)
+    if export and state is None:
+        export_hf(trainer.parts, ctx, "/nonexistent")  # collective: every rank takes part
+    out = {"layout": spec, "loss_rel": worst_loss, "exit_rel": worst_exit, "replica_gap": replica_gap,
+           "blocks_run_fraction": rows, "step_s": seconds}
+    if state is not None:
+        assert sorted(state) == sorted(ref_state), (sorted(state), sorted(ref_state))
+        out["param_abs"] = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
+        if export:  # to the HF layout from this layout; read back, the weights are the gathered ones
+            out["export_abs"] = exported_gap(trainer, ctx, state)
+        if os.environ.get("DEBUG_PARAMS"):
+            out["per_param"] = {k: float((state[k] - ref_state[k]).abs().max()) for k in ref_state}
+    return out
+
+
+def exported_gap(trainer, ctx, state: dict) -> float:
+    from pretrain.hf_interop import load_hf_checkpoint
+
+    with tempfile.TemporaryDirectory() as out:
+        export_hf(trainer.parts, ctx, out)
+        model, _ = load_hf_checkpoint(out)
+        return max(float((v - state[k]).abs().max()) for k, v in model.state_dict().items() if k in state)
+
+
+def main(specs: list[str]) -> None:
+    if os.environ.get("HANG_DUMP"):  # debugging a hang: dump every rank's stack after N seconds
+        faulthandler.dump_traceback_later(int(os.environ["HANG_DUMP"]), exit=True)
+    init_process_group(torch.device("cpu"))
+    references: dict = {}
+    for spec in specs:
+        out = run_layout(spec, references)
+        if dist.get_rank() == 0:
+            report(out)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

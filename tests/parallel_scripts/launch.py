@@ -1,0 +1,45 @@
+"""Launch a script of this folder under torchrun (gloo, CPU) from a test and collect the
+'RESULT {json}' lines rank 0 prints. On failure, the tail of every rank's log is shown."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def results(text: str) -> list[dict]:
+    return [json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")]
+
+
+def torchrun(nproc: int, script: str, args: list[str], timeout: int = 240) -> list[dict]:
+    with tempfile.TemporaryDirectory() as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--log-dir={logs}", "--redirects=3", str(HERE / script), *args]
+        proc = subprocess.run(cmd, cwd=HERE, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            tails = []
+            for log in sorted(Path(logs).rglob("stderr.log")):
+                lines = [l for l in log.read_text().splitlines() if "Warning" not in l]
+                tails.append(f"--- {log.parent.name}: " + "\n".join(lines[-25:]))
+            raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n" + "\n".join(tails))
+        stdout = "".join(p.read_text() for p in sorted(Path(logs).rglob("stdout.log")))
+    return results(stdout)
