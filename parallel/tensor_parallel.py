@@ -13,6 +13,12 @@ projection is column-parallel over the vocabulary and returns logits sharded on 
 dimension for `loss_parallel` cross-entropy. The head is a module pair (norm, output) with its
 own plan, so every exit's hidden state goes through the same sharded norm + output wherever it
 is applied. Tied embeddings: both weights are Shard(0) over the vocabulary, so the tie is kept.
+
+Decoding (`apply_tensor_parallel_for_decoding`) uses the same column/row split without sequence
+parallelism: a decode step has one position per row, which cannot be sharded over the sequence.
+Activations between blocks are replicated plain tensors, the head returns whole-vocabulary logits
+on every rank (identical after the all-reduce), so samplers keyed by the same seed draw the same
+tokens on every rank, and the decoder runs unchanged.
 """
 from __future__ import annotations
 
@@ -51,17 +57,38 @@ def head_plan() -> dict:
     }
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Shard a LayerSkipTransformer (or a pipeline stage of one) in place over `tp_mesh`."""
+def decoding_block_plan() -> dict:
+    """Column-parallel q/k/v, gate, up; row-parallel output and down projections returning
+    replicated activations (no sequence parallelism)."""
+    return {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel()}
+
+
+def _parallelize(model: nn.Module, tp_mesh: DeviceMesh, root_plan: dict, embedding_plan, block_plan: dict) -> None:
     has_embedding = "tok_embeddings" in model._modules
     tied = has_embedding and model.output.weight is model.tok_embeddings.weight
     if tied:  # shard the two modules separately, then tie the (identically sharded) weights again
         model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach().clone())
-    plan = head_plan()
     if has_embedding:
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    parallelize_module(model, tp_mesh, plan)
+        root_plan = {**root_plan, "tok_embeddings": embedding_plan}
+    parallelize_module(model, tp_mesh, root_plan)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan())
+        parallelize_module(block, tp_mesh, block_plan)
     if tied:
         model.output.weight = model.tok_embeddings.weight
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard a LayerSkipTransformer (or a pipeline stage of one) in place over `tp_mesh` for
+    training: sequence parallel between blocks, vocabulary-sharded logits for loss_parallel."""
+    _parallelize(model, tp_mesh, head_plan(),
+                 RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)), block_plan())
+
+
+def apply_tensor_parallel_for_decoding(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard a whole LayerSkipTransformer in place over `tp_mesh` for pretrain.decoding: the
+    weights split as in training, activations and logits replicated on every rank."""
+    _parallelize(model, tp_mesh, {"output": ColwiseParallel(output_layouts=Replicate())},
+                 RowwiseParallel(input_layouts=Replicate()), decoding_block_plan())

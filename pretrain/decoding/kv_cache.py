@@ -46,7 +46,10 @@ class StaticKVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, capacity: int) -> "StaticKVCache":
         cfg, weight = model.cfg, model.tok_embeddings.weight
-        return cls([int(name) for name in model.layers], batch, capacity, cfg.n_kv_heads, cfg.head_dim,
+        # KV heads held by this process: all of them, or n_kv_heads / tp under tensor parallelism
+        wk = next(iter(model.layers.values())).attention.wk.weight
+        local_kv_heads = (wk.to_local() if hasattr(wk, "to_local") else wk).shape[0] // cfg.head_dim
+        return cls([int(name) for name in model.layers], batch, capacity, local_kv_heads, cfg.head_dim,
                    dtype=weight.dtype, device=weight.device)
 
     @property
