@@ -2,7 +2,7 @@
 
     python -m pretrain.generate --checkpoint runs/demo --prompt "def main(" --strategy self_speculative \\
         --exit-layer 2 --draft-len 4 [--adaptive-draft] [--dynamic-exit] \\
-        [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup]
+        [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup] [--compile reduce-overhead]
 
 --checkpoint: a run directory (its newest checkpoint), a checkpoints/step_N directory, or a Hugging
 Face Llama directory (config.json + safetensors + tokenizer.json). Prompts come from --prompt
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, generate
+from pretrain.decoding.compiled import COMPILE_MODES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="also decode autoregressively and report the ratio")
     ap.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--compile", choices=COMPILE_MODES,
+                    help="torch.compile the blocks for draft and verify (reduce-overhead: CUDA graphs on CUDA)")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error(f"--batch-size={args.batch_size} must be >= 1")
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
             eos_id=None if args.no_eos else end_of_text(tokenizer, tokenizer_path), seed=args.seed,
             adaptive_draft=args.adaptive_draft, target_acceptance=args.target_acceptance,
-            dynamic_exit=args.dynamic_exit, max_draft_len=args.max_draft_len)
+            dynamic_exit=args.dynamic_exit, max_draft_len=args.max_draft_len, compile=args.compile)
         prompt_ids = [tokenizer.encode(p).ids for p in prompts]
         if args.measure_speedup:
             generate(model, prompt_ids[:1], opts, max_new_tokens=2)  # warm-up

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
+from pretrain.decoding.compiled import CompiledRegionKVCache, compile_blocks_for_decoding
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.kv_cache import StaticKVCache
 from pretrain.decoding.runner import BlockRunner
@@ -40,6 +41,8 @@ class DecodeOptions:
     max_draft_len: int = 8               # γ range searched by the dynamic exit
     probe_every: int = 4                 # dynamic exit: rounds between reads of candidate exits
     probe_window: int = 2                # dynamic exit: candidates within E ± window
+    compile: str | None = None           # torch.compile the blocks in place: a mode of COMPILE_MODES
+    compile_backend: str = "inductor"
 
 
 def make_options(options: DecodeOptions | None = None, **kwargs) -> DecodeOptions:
@@ -91,8 +94,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
     if seqs.capacity > model.cfg.max_seq_len:
         raise ValueError(f"longest prompt + max_new_tokens + draft needs {seqs.capacity} positions, "
                          f"the model allows {model.cfg.max_seq_len}")
+    if opts.compile is not None:
+        compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
+    # a compiled model (now or earlier) needs the cache whose update stays out of the graphs
+    cache_type = CompiledRegionKVCache if getattr(model, "_decoding_compile", None) else StaticKVCache
     stats = DecodeStats()
-    runner = BlockRunner(model, StaticKVCache.for_model(model, seqs.batch, seqs.capacity), stats)
+    runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), stats)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     stop = exit_layer if opts.strategy == "early_exit" else L
     try:
