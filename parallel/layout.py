@@ -67,6 +67,14 @@ def _fail(key: str, value, why: str) -> None:
     raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def check_tensor_parallel_widths(model_cfg, tp: int, tp_key: str = "parallel.tp") -> None:
+    """Every width tensor parallelism shards must divide by tp."""
+    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        width = getattr(model_cfg, key)
+        if width % tp:
+            _fail(f"model.{key}", width, f"not divisible by {tp_key}={tp} (tensor parallel shards it)")
+
+
 def check_layout(cfg: RunConfig, world_size: int) -> Layout:
     """Resolve and check cfg.parallel against the model, the batch and the job's world size."""
     par, m, tr = cfg.parallel, cfg.model, cfg.train
@@ -83,10 +91,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> Layout:
               "in backward on tensor-parallel blocks and is untested with FSDP / pipelining); set train.compile=false")
     tp = par.tp
     if tp > 1:
-        for key, width in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads),
-                           ("ffn_dim", m.ffn_dim), ("vocab_size", m.vocab_size)):
-            if width % tp:
-                _fail(f"model.{key}", width, f"not divisible by parallel.tp={tp} (tensor parallel shards it)")
+        check_tensor_parallel_widths(m, tp)
         if tr.seq_len % tp:
             _fail("train.seq_len", tr.seq_len, f"not divisible by parallel.tp={tp} (sequence parallel "
                   "shards the sequence between blocks)")

@@ -10,6 +10,11 @@ Face Llama directory (config.json + safetensors + tokenizer.json). Prompts come 
 line). Without --exit-layer / --draft-len, the best (E, γ) of the run's eval.json is used when
 there is one, else E = L/4 and γ = 4. Prints each completion, then one JSON object with the
 statistics (with --measure-speedup also autoregressive decoding of the same prompts and the ratio).
+
+Tensor parallel: launched by torchrun with N processes, every process loads the checkpoint, the
+model is sharded N ways (heads, ffn and vocabulary split; activations and logits replicated) and
+decoded with the same code; rank 0 prints.
+    torchrun --nproc-per-node 2 -m pretrain.generate --checkpoint runs/demo --prompt "def main("
 """
 from __future__ import annotations
 
@@ -139,13 +144,35 @@ def measure_against_autoregressive(model, prompt_ids, opts: DecodeOptions, batch
     return report
 
 
+def shard_over_launched_processes(model: torch.nn.Module, device: torch.device) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): tensor-parallel over all processes. True on the rank that prints."""
+    from parallel.mesh import init_process_group, launched_world_size
+
+    world = launched_world_size()
+    if world == 1:
+        return True
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parallel.layout import check_tensor_parallel_widths
+    from parallel.tensor_parallel import apply_tensor_parallel_for_decoding
+
+    check_tensor_parallel_widths(model.cfg, world, tp_key="WORLD_SIZE (tensor-parallel decoding)")
+    init_process_group(device)
+    apply_tensor_parallel_for_decoding(model, init_device_mesh(device.type, (world,), mesh_dim_names=("tp",)))
+    return dist.get_rank() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from parallel.mesh import local_rank, teardown_parallel
     from pretrain.device import select_device
 
     try:
         prompts = read_prompts(args)
-        model, tokenizer_path = load_checkpoint(args.checkpoint, select_device(args.device))
+        device = select_device(args.device, local_rank())
+        model, tokenizer_path = load_checkpoint(args.checkpoint, device)
+        printing = shard_over_launched_processes(model, device)
         if tokenizer_path is None:
             raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json next to it")
         from tokenizers import Tokenizer
@@ -173,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        teardown_parallel()
+    if not printing:
+        return 0
     for i, (ids, out) in enumerate(zip(prompt_ids, outputs)):
         print(f"--- completion {i}\n{tokenizer.decode(ids + out)}")
     print(json.dumps(report))

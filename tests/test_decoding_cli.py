@@ -89,3 +89,21 @@ def test_hugging_face_directory(capsys, tokenizer_file, tmp_path):
     with torch.no_grad():
         expected = reference_greedy(model, ids("w1 w2 w3"), 8)
     assert out[1] == " ".join(["w1", "w2", "w3"] + [WORDS[t] for t in expected])
+
+
+def test_tensor_parallel_under_torchrun_prints_the_single_process_output(capsys, tokenizer_file, tmp_path):
+    """torchrun with 2 processes: the model is sharded TP=2 and only rank 0 prints the same
+    completions and acceptance as one process."""
+    from parallel_scripts.launch import torchrun_stdout
+
+    hf = pytest.importorskip("pretrain.hf_interop")
+    hf.save_hf_checkpoint(make_model(), tmp_path / "hf", tokenizer_file=tokenizer_file, eos_token_id=0)
+    argv = ["--checkpoint", str(tmp_path / "hf"), "--prompt", "w1 w2 w3", "--prompt", "w7", "--max-new-tokens",
+            "10", "--exit-layer", "2", "--draft-len", "3", "--no-eos", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    single = capsys.readouterr().out.strip().splitlines()
+    parallel = torchrun_stdout(2, ["-m", "pretrain.generate", *argv]).strip().splitlines()
+    assert parallel[:-1] == single[:-1]                     # text, printed once
+    got, expected = json.loads(parallel[-1]), json.loads(single[-1])
+    for key in ("generated_tokens", "accepted", "drafted", "layer_evals_per_token"):
+        assert got[key] == expected[key], key

@@ -30,10 +30,12 @@ def results(text: str) -> list[dict]:
     return [json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")]
 
 
-def torchrun(nproc: int, script: str, args: list[str], timeout: int = 240) -> list[dict]:
+def torchrun_stdout(nproc: int, entry: list[str], timeout: int = 240) -> str:
+    """Run `entry` (a script path and its arguments, or "-m", module, arguments) under torchrun;
+    return every rank's stdout, rank 0 first."""
     with tempfile.TemporaryDirectory() as logs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--log-dir={logs}", "--redirects=3", str(HERE / script), *args]
+               f"--log-dir={logs}", "--redirects=3", *entry]
         proc = subprocess.run(cmd, cwd=HERE, env=child_env(), capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             tails = []
@@ -41,5 +43,8 @@ def torchrun(nproc: int, script: str, args: list[str], timeout: int = 240) -> li
                 lines = [l for l in log.read_text().splitlines() if "Warning" not in l]
                 tails.append(f"--- {log.parent.name}: " + "\n".join(lines[-25:]))
             raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n" + "\n".join(tails))
-        stdout = "".join(p.read_text() for p in sorted(Path(logs).rglob("stdout.log")))
-    return results(stdout)
+        return "".join(p.read_text() for p in sorted(Path(logs).rglob("stdout.log")))
+
+
+def torchrun(nproc: int, script: str, args: list[str], timeout: int = 240) -> list[dict]:
+    return results(torchrun_stdout(nproc, [str(HERE / script), *args], timeout))
