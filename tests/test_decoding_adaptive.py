@@ -2,22 +2,12 @@
 they should."""
 import pytest
 import torch
-from test_decoding import NEW, PROMPTS, make_model, one_thread, reference_greedy  # noqa: F401
+from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread, reference_greedy  # noqa: F401
 
 from pretrain.decoding import generate
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.dynamic_exit import DynamicExit
 from schedules.speedup import expected_tokens_per_layer
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def expected(model):
-    return [reference_greedy(model, p, NEW) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("options", [

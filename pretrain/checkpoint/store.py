@@ -127,7 +127,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | list[torc
         if final.exists():  # re-saving the same step: replace only once the new one is complete
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -174,7 +174,8 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (a rename is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from pretrain.hf_interop.convert import (expected_parameter_names, from_hf_name, hf_config_from_model_config,
                                          model_config_from_hf, to_hf_name)
+from pretrain.checkpoint.store import fsync_path
 from pretrain.model import LayerSkipTransformer
 
 try:
@@ -266,7 +267,7 @@ def _write_directory(model: LayerSkipTransformer, tensors: dict[str, torch.Tenso
             written += _write_tokenizer(Path(tokenizer_file), tmp, model.cfg.max_seq_len, bos_token_id,
                                         eos_token_id)
         for f in written:
-            _fsync(f)
+            fsync_path(f)
         _replace_directory(tmp, out_dir, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -344,14 +345,6 @@ def _token_names(tokenizer_file: Path, ids: dict[str, int | None]) -> dict[str, 
     return names
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_directory(tmp: Path, out_dir: Path, tag: str) -> None:
     """Move the complete `tmp` to `out_dir`; an existing `out_dir` is moved aside first and
     deleted only after the new one is in place."""
@@ -366,7 +359,7 @@ def _replace_directory(tmp: Path, out_dir: Path, tag: str) -> None:
             os.replace(old, out_dir)
         raise
     try:
-        _fsync(out_dir.parent)
+        fsync_path(out_dir.parent)
     except OSError:
         pass  # some filesystems cannot fsync a directory
     if old is not None:
