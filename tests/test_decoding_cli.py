@@ -79,7 +79,7 @@ def test_errors_are_reported(capsys, fake_checkpoint, tmp_path):
 
 
 def test_hugging_face_directory(capsys, tokenizer_file, tmp_path):
-    hf = pytest.importorskip("pretrain.hf_interop")
+    from pretrain import hf_interop as hf
     model = make_model()
     hf.save_hf_checkpoint(model, tmp_path / "hf", tokenizer_file=tokenizer_file, eos_token_id=0)
     code = cli.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "w1 w2 w3", "--max-new-tokens", "8",
@@ -96,7 +96,7 @@ def test_tensor_parallel_under_torchrun_prints_the_single_process_output(capsys,
     completions and acceptance as one process."""
     from parallel_scripts.launch import torchrun_stdout
 
-    hf = pytest.importorskip("pretrain.hf_interop")
+    from pretrain import hf_interop as hf
     hf.save_hf_checkpoint(make_model(), tmp_path / "hf", tokenizer_file=tokenizer_file, eos_token_id=0)
     argv = ["--checkpoint", str(tmp_path / "hf"), "--prompt", "w1 w2 w3", "--prompt", "w7", "--max-new-tokens",
             "10", "--exit-layer", "2", "--draft-len", "3", "--no-eos", "--device", "cpu"]
