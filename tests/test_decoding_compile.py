@@ -53,3 +53,23 @@ def test_compile_option_errors(models):
     compile_blocks_for_decoding(compiled, "default", "aot_eager")   # same settings: no-op
     with pytest.raises(ValueError, match="already compiled"):
         compile_blocks_for_decoding(compiled, "max-autotune", "inductor")
+
+
+def test_compiled_cache_masks_the_whole_capacity_like_the_span():
+    """Same keys and values as StaticKVCache, padded to the capacity, with the padding masked."""
+    from pretrain.decoding.compiled import CompiledRegionKVCache
+    from pretrain.decoding.kv_cache import StaticKVCache
+
+    torch.manual_seed(0)
+    caches = [cls([0], batch=2, capacity=12, n_kv_heads=1, head_dim=4, dtype=torch.float32, device="cpu")
+              for cls in (StaticKVCache, CompiledRegionKVCache)]
+    for step, t in enumerate((5, 1, 3, 2)):
+        k, v = torch.randn(2, 1, t, 4), torch.randn(2, 1, t, 4)
+        (ks, vs, span_mask), (kc, vc, full_mask) = [c.update(0, k, v) for c in caches]
+        span = ks.shape[2]
+        assert kc.shape[2] == vc.shape[2] == full_mask.shape[-1] == 12
+        assert torch.equal(full_mask[..., :span], span_mask) and not full_mask[..., span:].any()
+        assert torch.equal(kc[:, :, :span], ks) and torch.equal(vc[:, :, :span], vs)
+        if step == 1:                                       # reject a draft in row 1: rows differ
+            for c in caches:
+                c.crop([6, 4])

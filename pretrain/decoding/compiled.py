@@ -4,9 +4,10 @@
 (`nn.Module.compile`, dynamic shapes), so drafting (T = 1), verification (T = γ+1) and prefill all
 run compiled blocks with the unchanged decoder. The KV cache's `update` keeps host-side bookkeeping
 (lengths known without a device sync) that must not be traced: it runs eagerly between two
-compiled regions of each block (`CompiledRegionKVCache`). mode "reduce-overhead" captures the
-compiled regions in CUDA graphs (one per shape seen: a handful, since T ∈ {1, γ+1} and the
-attended span is a dynamic dimension); inductor skips the graphs for CPU tensors.
+compiled regions of each block (`CompiledRegionKVCache`), and attention covers the whole
+preallocated cache under a mask, so the compiled shapes do not grow with every token. mode
+"reduce-overhead" captures the compiled regions in CUDA graphs (one per shape: prefill, draft
+T = 1, verify T = γ+1); inductor skips the graphs for CPU tensors.
 
 A model stays compiled after the call: later training or decoding with it runs compiled blocks
 too. Compiling twice with the same settings is a no-op; with different ones it is an error.
@@ -25,11 +26,19 @@ _RECOMPILE_LIMIT = 64
 
 
 class CompiledRegionKVCache(StaticKVCache):
-    """StaticKVCache whose update runs eagerly inside compiled blocks (a graph break)."""
+    """StaticKVCache whose update runs eagerly inside compiled blocks (a graph break) and hands
+    attention every slot of the cache, masked past each query's position, instead of the
+    attended span: the shapes the compiled attention sees are then fixed by (batch, new tokens,
+    capacity), so CUDA graphs are recorded once per draft/verify width rather than per step.
+    Masked slots get zero weight: the output is the span's, up to summation order."""
 
     @torch.compiler.disable
     def update(self, layer, k, v):
-        return super().update(layer, k, v)
+        super().update(layer, k, v)
+        t = k.shape[2]
+        queries = self.lengths[layer][:, None] - t + self._slots[:t]                # [B, T] positions
+        mask = self._slots[None, None, None, :] <= queries[:, None, :, None]         # [B, 1, T, capacity]
+        return self.k[layer], self.v[layer], mask
 
 
 def compile_blocks_for_decoding(model: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> None:
