@@ -32,8 +32,7 @@ from pretrain.config import to_run_config
 from pretrain.device import synchronize
 from pretrain.layerskip.plan import StepPlan, step_plan
 from pretrain.metrics.flops import mfu, step_flops
-from pretrain.model import LayerSkipTransformer
-from pretrain.trainer.build import init_model_config
+from pretrain.trainer.build import build_model, init_model_config
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -56,8 +55,7 @@ def main() -> None:
     cfg = load_config(overrides)
     ctx, _ = setup_parallel(cfg)
     device, tr, L = ctx.device, cfg.train, cfg.model.n_layers
-    torch.manual_seed(tr.seed)
-    trainer = build_trainer(cfg, ctx, LayerSkipTransformer(cfg.model).to(device))
+    trainer = build_trainer(cfg, ctx, build_model(cfg, device))
     tokens = torch.randint(0, cfg.model.vocab_size, (tr.global_batch_size, tr.seq_len + 1), device=device)
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
              "sample_ids": torch.arange(tr.global_batch_size, device=device)}

@@ -165,7 +165,7 @@ def shard_over_launched_processes(model: torch.nn.Module, device: torch.device) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from parallel.mesh import local_rank, teardown_parallel
+    from parallel.mesh import local_rank
     from pretrain.device import select_device
 
     try:
@@ -200,8 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        teardown_parallel()
     if not printing:
         return 0
     for i, (ids, out) in enumerate(zip(prompt_ids, outputs)):
@@ -211,5 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from parallel.mesh import teardown_parallel
+
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    code = main()
+    teardown_parallel()    # the process group a torchrun launch created
+    sys.exit(code)

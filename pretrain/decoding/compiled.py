@@ -34,11 +34,10 @@ class CompiledRegionKVCache(StaticKVCache):
 
     @torch.compiler.disable
     def update(self, layer, k, v):
-        super().update(layer, k, v)
-        t = k.shape[2]
-        queries = self.lengths[layer][:, None] - t + self._slots[:t]                # [B, T] positions
-        mask = self._slots[None, None, None, :] <= queries[:, None, :, None]         # [B, 1, T, capacity]
-        return self.k[layer], self.v[layer], mask
+        return super().update(layer, k, v)
+
+    def attended_width(self, span: int) -> int:
+        return self.capacity
 
 
 def compile_blocks_for_decoding(model: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> None:

@@ -67,8 +67,8 @@ class StaticKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append k, v [B, Hkv, T, Dh]; return slots [0, span) of the layer and the bool mask
-        [B, 1, T, span] (True = attend)."""
+        """Append k, v [B, Hkv, T, Dh]; return slots [0, width) of the layer and the bool mask
+        [B, 1, T, width] (True = attend), width = attended_width(span)."""
         t = k.shape[2]
         generation, written = self._state[layer]
         span = self._max_at_crop[generation] + written + t
@@ -80,11 +80,16 @@ class StaticKVCache:
         self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
         self.lengths[layer] += t
         self._state[layer] = (generation, written + t)
+        width = self.attended_width(span)
         key = (generation, written, t)
         if key != self._mask_key:
-            self._mask = self._slots[None, None, None, :span] <= slots[:, None, :, None]
+            self._mask = self._slots[None, None, None, :width] <= slots[:, None, :, None]
             self._mask_key = key
-        return self.k[layer][:, :, :span], self.v[layer][:, :, :span], self._mask
+        return self.k[layer][:, :, :width], self.v[layer][:, :, :width], self._mask
+
+    def attended_width(self, span: int) -> int:
+        """Slots handed to attention when `span` of them may be attended: just those."""
+        return span
 
     def crop(self, lengths: torch.Tensor | list[int], layers: Iterable[int] | None = None) -> None:
         """Keep the first lengths[b] slots of row b in `layers` (default: all); the rest is dropped."""
