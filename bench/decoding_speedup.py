@@ -3,9 +3,11 @@
 - per exit E and draft length γ: wall-clock speedup over autoregressive decoding of the same
   prompts (greedy; outputs checked identical), acceptance α, layer evaluations per token, and the
   measured speedup over the one predicted from the measured α, (1-α^(γ+1))/((1-α)(1+γE/L)), and
-  over the same formula with the shared exit head's cost counted (E -> E+h, L -> L+h, h = head
-  matmul FLOPs in blocks): the paper's formula leaves the head out, which is fair for a 32-layer
-  model but not for a small one whose head costs about as much as two blocks;
+  over the one predicted from α and this machine's measured costs of a block and of the shared
+  head on 1..γ+1 positions (schedules/speedup.py): the paper's formula counts blocks only, which
+  is fair for a 32-layer model on a GPU but not for a small one whose head costs about as much as
+  a block, on a CPU where a block on γ+1 positions costs more than on one;
+- the dynamic exit choosing (E, γ) by layer count and by the measured costs, side by side;
 - the same weights exported to the Hugging Face layout and decoded by transformers'
   generate(assistant_early_exit=E, num_assistant_tokens=γ): identical greedy tokens, and tokens/s;
 - tokens/s at batch 8 vs batch 1.
@@ -22,20 +24,19 @@ import torch
 from bench.common import interleaved_medians, record
 from pretrain.checkpoint.inference import load_model, resolve_checkpoint
 from pretrain.data.dataset import PackedDataset
-from pretrain.decoding import DecodeOptions, generate
-from pretrain.metrics.flops import block_flops_per_token, head_flops_per_token
-from schedules.speedup import expected_speedup
+from pretrain.decoding import DecodeOptions, DecodeStats, generate
+from pretrain.decoding.cost_model import measure_decode_costs
+from schedules.speedup import expected_speedup, expected_speedup_with_costs
 
 
 def decode_each(model, prompts, opts):
-    """Batch 1, prompt after prompt: (outputs, merged stats)."""
-    outs, acc, rej, drafted, evals, gen = [], 0, 0, 0, 0, 0
+    """Batch 1, prompt after prompt: (outputs, DecodeStats.summary() of all of them)."""
+    outs, merged = [], DecodeStats()
     for p in prompts:
         out, st = generate(model, [p], opts)
         outs += out
-        acc, rej, drafted = acc + st.accepted, rej + st.rejections, drafted + st.drafted
-        evals, gen = evals + st.layer_evals, gen + st.generated - st.prefill_tokens
-    return outs, {"acceptance": acc / max(acc + rej, 1), "layer_evals_per_token": evals / max(gen, 1)}
+        merged.merge(st)
+    return outs, merged.summary()
 
 
 def hf_generate_each(hf, prompts, new_tokens, exit_layer=None, gamma=None):
@@ -80,19 +81,28 @@ def main() -> None:
         outs, stats[(E, g)] = decode_each(model, prompts, opts)
         assert outs == reference, f"E={E} γ={g}: self-speculative output differs from autoregressive"
         cases[f"E={E},g={g}"] = (lambda o=opts: decode_each(model, prompts, o))
+    max_gamma = max(g for _, g in configs)
+    costs = measure_decode_costs(model, max_gamma + 1, context=args.prompt_len + args.new_tokens // 2)
+    dynamic = {name: DecodeOptions(exit_layer=L // 2, draft_len=2, max_draft_len=max_gamma, dynamic_exit=True,
+                                   costs=c, max_new_tokens=args.new_tokens)
+               for name, c in (("dynamic by layer count", None), ("dynamic by measured costs", costs))}
+    dynamic_stats = {}
+    for name, opts in dynamic.items():
+        outs, dynamic_stats[name] = decode_each(model, prompts, opts)
+        assert outs == reference, f"{name}: output differs from autoregressive"
+        cases[name] = (lambda o=opts: decode_each(model, prompts, o))
     times = interleaved_medians(cases, args.repeats)
-    head_blocks = head_flops_per_token(model.cfg) / block_flops_per_token(model.cfg, seq_len=0)  # weights only
     rows = []
     for E, g in configs:
         s = stats[(E, g)]
         speedup = times["autoregressive"] / times[f"E={E},g={g}"]
         predicted = expected_speedup(min(s["acceptance"], 1.0), g, E, L)
-        with_head = expected_speedup(min(s["acceptance"], 1.0), g, E + head_blocks, L + head_blocks)
+        with_costs = expected_speedup_with_costs(min(s["acceptance"], 1.0), g, E, L, costs)
         rows.append({"exit_layer": E, "draft_len": g, "tokens_per_s": n_tok / times[f"E={E},g={g}"],
                      "speedup": speedup, "acceptance": s["acceptance"],
                      "layer_evals_per_token": s["layer_evals_per_token"], "predicted_speedup": predicted,
-                     "measured_over_predicted": speedup / predicted, "predicted_with_head": with_head,
-                     "measured_over_predicted_with_head": speedup / with_head})
+                     "measured_over_predicted": speedup / predicted, "predicted_with_costs": with_costs,
+                     "measured_over_predicted_with_costs": speedup / with_costs})
     best = max(rows, key=lambda r: r["speedup"])
 
     # transformers' assistant_early_exit on the same weights, at the best config and at γ=best
@@ -132,16 +142,25 @@ def main() -> None:
              f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy; median of {args.repeats} "
              "interleaved repeats. Every self-speculative output was checked identical to autoregressive.", "",
              f"Autoregressive: {n_tok / times['autoregressive']:,.0f} tokens/s (batch 1)", "",
-             f"Shared head = {head_blocks:.2f} blocks of matmul FLOPs per token (h).", "",
+             "Measured costs on this machine, one row after a context (ms): "
+             + ", ".join(f"M={m + 1}: block {b * 1e3:.2f}, head {h * 1e3:.2f}"
+                         for m, (b, h) in enumerate(zip(costs.block, costs.head))) + ".", "",
              "| E | γ | tokens/s | speedup | acceptance α | layer evals/token | predicted speedup | measured/predicted "
-             "| predicted with head | measured/predicted with head |",
+             "| predicted with measured costs | measured/predicted with costs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['exit_layer']} | {r['draft_len']} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | "
                      f"{r['acceptance']:.3f} | {r['layer_evals_per_token']:.2f} | {r['predicted_speedup']:.2f}x | "
-                     f"**{r['measured_over_predicted']:.2f}** | {r['predicted_with_head']:.2f}x | "
-                     f"**{r['measured_over_predicted_with_head']:.2f}** |")
+                     f"**{r['measured_over_predicted']:.2f}** | {r['predicted_with_costs']:.2f}x | "
+                     f"**{r['measured_over_predicted_with_costs']:.2f}** |")
     lines += ["", f"Best: E={best['exit_layer']} γ={best['draft_len']}, {best['speedup']:.2f}x.", "",
+              f"## dynamic exit (start E={L // 2}, γ=2, γ up to {max_gamma})", "",
+              "| chooser | tokens/s | speedup | mean E | mean γ | acceptance α |", "|---|---|---|---|---|---|"]
+    for name, summary in dynamic_stats.items():
+        lines.append(f"| {name} | {n_tok / times[name]:,.0f} | {times['autoregressive'] / times[name]:.2f}x | "
+                     f"{summary['mean_exit_layer']:.2f} | {summary['mean_draft_len']:.2f} | "
+                     f"{summary['acceptance']:.3f} |")
+    lines += ["",
               "## vs transformers generate(assistant_early_exit=E) on the exported weights", "",
               f"transformers autoregressive: {n_tok / hf_times['hf autoregressive']:,.0f} tokens/s", "",
               "| E | γ | identical greedy tokens | ours tokens/s | transformers tokens/s | ours/theirs |",
@@ -154,7 +173,9 @@ def main() -> None:
         lines.append(f"| {name} | {8 * args.new_tokens / t:,.0f} |")
     record("decoding_speedup", "Self-speculative decoding benchmark",
            {"args": vars(args), "rows": rows, "autoregressive_s": times["autoregressive"], "hf": hf_rows,
-            "hf_seconds": hf_times, "batch_seconds": batch_times}, "\n".join(lines))
+            "hf_seconds": hf_times, "batch_seconds": batch_times,
+            "costs": {"block_s": costs.block, "head_s": costs.head},
+            "dynamic": dynamic_stats}, "\n".join(lines))
 
 
 if __name__ == "__main__":

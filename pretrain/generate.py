@@ -2,7 +2,8 @@
 
     python -m pretrain.generate --checkpoint runs/demo --prompt "def main(" --strategy self_speculative \\
         --exit-layer 2 --draft-len 4 [--adaptive-draft] [--dynamic-exit] \\
-        [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup] [--compile reduce-overhead]
+        [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup] [--compile reduce-overhead] \
+        [--measure-costs]
 
 --checkpoint: a run directory (its newest checkpoint), a checkpoints/step_N directory, or a Hugging
 Face Llama directory (config.json + safetensors + tokenizer.json). Prompts come from --prompt
@@ -10,6 +11,9 @@ Face Llama directory (config.json + safetensors + tokenizer.json). Prompts come 
 line). Without --exit-layer / --draft-len, the best (E, γ) of the run's eval.json is used when
 there is one, else E = L/4 and γ = 4. Prints each completion, then one JSON object with the
 statistics (with --measure-speedup also autoregressive decoding of the same prompts and the ratio).
+With --dynamic-exit --measure-costs, a block and the shared head are timed here on 1..max_draft_len+1
+positions first, and (E, γ) are chosen by the speedup those costs predict rather than by layer
+counts (see schedules/speedup.py); the costs are reported.
 
 Tensor parallel: launched by torchrun with N processes, every process loads the checkpoint, the
 model is sharded N ways (heads, ffn and vocabulary split; activations and logits replicated) and
@@ -24,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, generate
 from pretrain.decoding.compiled import COMPILE_MODES
@@ -53,7 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--compile", choices=COMPILE_MODES,
                     help="torch.compile the blocks for draft and verify (reduce-overhead: CUDA graphs on CUDA)")
+    ap.add_argument("--measure-costs", action="store_true",
+                    help="with --dynamic-exit: time a block and the head here and choose (E, γ) by those costs")
     args = ap.parse_args(argv)
+    if args.measure_costs and not args.dynamic_exit:
+        ap.error("--measure-costs steers --dynamic-exit: add --dynamic-exit")
     if args.batch_size < 1:
         ap.error(f"--batch-size={args.batch_size} must be >= 1")
     return args
@@ -151,7 +160,6 @@ def shard_over_launched_processes(model: torch.nn.Module, device: torch.device) 
     world = launched_world_size()
     if world == 1:
         return True
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from parallel.layout import check_tensor_parallel_widths
@@ -161,6 +169,21 @@ def shard_over_launched_processes(model: torch.nn.Module, device: torch.device) 
     init_process_group(device)
     apply_tensor_parallel_for_decoding(model, init_device_mesh(device.type, (world,), mesh_dim_names=("tp",)))
     return dist.get_rank() == 0
+
+
+def measured_costs(model: torch.nn.Module, opts: DecodeOptions):
+    """Block and head costs timed on this process (compiled first if asked, so the timing is of the
+    blocks that will decode); under tensor parallelism rank 0's, so every rank chooses alike."""
+    from pretrain.decoding.compiled import compile_blocks_for_decoding
+    from pretrain.decoding.cost_model import measure_decode_costs
+
+    if opts.compile is not None:
+        compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
+    positions = max(opts.draft_len, opts.max_draft_len) + 1   # the γ range the dynamic exit searches, + 1
+    costs = [measure_decode_costs(model, positions, context=max(min(64, model.cfg.max_seq_len - positions), 1))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(costs, src=0)
+    return costs[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             eos_id=None if args.no_eos else end_of_text(tokenizer, tokenizer_path), seed=args.seed,
             adaptive_draft=args.adaptive_draft, target_acceptance=args.target_acceptance,
             dynamic_exit=args.dynamic_exit, max_draft_len=args.max_draft_len, compile=args.compile)
+        if args.measure_costs:
+            opts.costs = measured_costs(model, opts)
         prompt_ids = [tokenizer.encode(p).ids for p in prompts]
         if args.measure_speedup:
             generate(model, prompt_ids[:1], opts, max_new_tokens=2)  # warm-up
@@ -195,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                   "exit_layer": opts.exit_layer if opts.exit_layer is not None else max(1, model.cfg.n_layers // 4),
                   "draft_len": opts.draft_len, "adaptive_draft": opts.adaptive_draft,
                   "dynamic_exit": opts.dynamic_exit, "prompts": len(prompts), **stats.summary()}
+        if opts.costs is not None:
+            report["decode_costs"] = {"block_s": list(opts.costs.block), "head_s": list(opts.costs.head)}
         if args.measure_speedup:
             report.update(measure_against_autoregressive(model, prompt_ids, opts, args.batch_size, outputs, stats))
     except (ValueError, FileNotFoundError) as err:

@@ -5,8 +5,19 @@ With acceptance α per drafted token, draft length γ, exit E of L layers and th
     expected tokens per round   (1 - α^(γ+1)) / (1 - α) = 1 + α + .. + α^γ   (γ+1 when α = 1)
     speedup                     (1 - α^(γ+1)) / ((1 - α)(1 + γE/L))
     tokens per layer evaluated  (1 - α^(γ+1)) / ((1 - α)(γE + L))
+
+The layer count assumes a block costs the same on 1 and on γ+1 positions and the shared head costs
+nothing. With measured costs b(M), h(M) of one block and of the head on M positions of a row:
+    round          γ(E b(1) + h(1)) + E b(1) + (L - E) b(γ+1) + h(γ+1)
+                   (γ draft steps; in the verify pass, the early blocks on the one uncached draft
+                   and the late blocks and the head on all γ+1 positions)
+    autoregressive L b(1) + h(1) per token
+    speedup        tokens per round · autoregressive / round
+which is the layer-count speedup when b ≡ 1 and h ≡ 0.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def expected_tokens_per_round(acceptance: float, draft_len: int) -> float:
@@ -58,3 +69,55 @@ def best_draft_config(acceptance_by_exit: dict[int, float], num_layers: int, max
     if best is None:
         raise ValueError(f"no candidate exit below num_layers={num_layers} in {sorted(acceptance_by_exit)}")
     return best
+
+
+@dataclass(frozen=True)
+class DecodeCosts:
+    """Cost of one block (`block[M-1]`) and of the shared exit head (`head[M-1]`) on M positions of
+    one row, M = 1..max_positions, in any one unit (seconds when measured)."""
+    block: tuple[float, ...]
+    head: tuple[float, ...]
+
+    def __post_init__(self):
+        if not self.block or len(self.block) != len(self.head):
+            raise ValueError(f"DecodeCosts needs block and head costs for the same positions 1..M, "
+                             f"got {len(self.block)} and {len(self.head)}")
+        if min(self.block) <= 0 or min(self.head) < 0:
+            raise ValueError(f"DecodeCosts must be positive: block={self.block}, head={self.head}")
+
+    @classmethod
+    def layer_count(cls, max_positions: int) -> "DecodeCosts":
+        """The paper's model: a block costs 1 on any number of positions, the head 0."""
+        return cls(block=(1.0,) * max_positions, head=(0.0,) * max_positions)
+
+    @property
+    def max_positions(self) -> int:
+        return len(self.block)
+
+    def block_cost(self, positions: int) -> float:
+        return self.block[self._index(positions)]
+
+    def head_cost(self, positions: int) -> float:
+        return self.head[self._index(positions)]
+
+    def _index(self, positions: int) -> int:
+        if not 1 <= positions <= len(self.block):
+            raise ValueError(f"no cost measured for {positions} positions (1..{len(self.block)})")
+        return positions - 1
+
+
+def round_cost(draft_len: int, exit_layer: int, num_layers: int, costs: DecodeCosts) -> float:
+    """γ(E b(1) + h(1)) + E b(1) + (L - E) b(γ+1) + h(γ+1): one draft-verify round of one row."""
+    _check_exit(exit_layer, num_layers)
+    b1, h1 = costs.block_cost(1), costs.head_cost(1)
+    g = draft_len
+    return g * (exit_layer * b1 + h1) + exit_layer * b1 + (num_layers - exit_layer) * costs.block_cost(g + 1) \
+        + costs.head_cost(g + 1)
+
+
+def expected_speedup_with_costs(acceptance: float, draft_len: int, exit_layer: int, num_layers: int,
+                                costs: DecodeCosts) -> float:
+    """Tokens per round · (L b(1) + h(1)) / round_cost: the speedup over autoregressive decoding."""
+    autoregressive = num_layers * costs.block_cost(1) + costs.head_cost(1)
+    return (expected_tokens_per_round(acceptance, draft_len) * autoregressive
+            / round_cost(draft_len, exit_layer, num_layers, costs))

@@ -67,6 +67,18 @@ def test_strategies_and_options(capsys, fake_checkpoint, extra):
     assert report["adaptive_draft"] == ("--adaptive-draft" in extra)
 
 
+def test_measured_costs_steer_the_dynamic_exit(capsys, fake_checkpoint):
+    text, report = run(capsys, "--prompt", "w1 w2 w3", "--max-new-tokens", "10", "--dynamic-exit",
+                       "--max-draft-len", "3", "--measure-costs", "--measure-speedup", "--no-eos")
+    costs = report["decode_costs"]
+    # γ from 1 to max(draft_len 4 (the default), max_draft_len 3), verified on γ+1 positions
+    assert len(costs["block_s"]) == len(costs["head_s"]) == 5
+    assert min(costs["block_s"]) > 0 and report["identical_to_autoregressive"] is True
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--checkpoint", "unused", "--prompt", "w1", "--measure-costs"])
+    assert err.value.code == 2 and "add --dynamic-exit" in capsys.readouterr().err
+
+
 def test_errors_are_reported(capsys, fake_checkpoint, tmp_path):
     assert cli.main(["--checkpoint", "x"]) == 2
     assert "at least one --prompt" in capsys.readouterr().err

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from schedules import (CURRICULA, DEPTH_SCALES, IMPORTANCE_KINDS, TIME_SCALES, best_draft_config,
-                       counter_uniform, depth_scale, exit_importance, exit_loss_weights, exits_on,
+from schedules import (CURRICULA, DEPTH_SCALES, IMPORTANCE_KINDS, TIME_SCALES, DecodeCosts, best_draft_config,
+                       counter_uniform, expected_speedup_with_costs, round_cost, depth_scale, exit_importance, exit_loss_weights, exits_on,
                        expected_speedup, expected_tokens_per_layer, keep_masks, layer_dropout_rate,
                        layer_dropout_rates, layer_keep_mask, learning_rate, time_scale)
 
@@ -360,3 +360,36 @@ def test_counter_rng_validation():
         layer_keep_mask(0, 0, 0, torch.arange(4), 1.5)
     with pytest.raises(ValueError, match="drop_rate=-0.1"):
         keep_masks(0, 0, torch.arange(4), [0.1, -0.1])
+
+
+# ---------------------------------------------------------------- speedup under measured costs
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.75, 1.0])
+@pytest.mark.parametrize("E, L", [(1, 4), (2, 8), (8, 32)])
+def test_layer_count_costs_give_the_papers_speedup(alpha, E, L):
+    costs = DecodeCosts.layer_count(7)
+    for gamma in range(1, 7):
+        assert expected_speedup_with_costs(alpha, gamma, E, L, costs) == pytest.approx(
+            expected_speedup(alpha, gamma, E, L))
+        assert round_cost(gamma, E, L, costs) == gamma * E + L
+
+
+def test_speedup_with_costs_hand_values():
+    costs = DecodeCosts(block=(1.0, 2.0, 3.0), head=(0.5, 1.0, 1.5))
+    # γ=2, E=1, L=4: drafts 2·(1 + 0.5), verify 1·b(1) + 3·b(3) + h(3) = 3 + 1 + 9 + 1.5
+    assert round_cost(2, 1, 4, costs) == pytest.approx(14.5)
+    # α=0.5: 1.75 tokens per round; autoregressive 4·1 + 0.5 per token
+    assert expected_speedup_with_costs(0.5, 2, 1, 4, costs) == pytest.approx(1.75 * 4.5 / 14.5)
+    # a head as costly as the blocks makes drafting less attractive than the layer count says
+    heavy = DecodeCosts(block=(1.0,) * 5, head=(4.0,) * 5)
+    assert expected_speedup_with_costs(0.8, 4, 2, 8, heavy) < expected_speedup(0.8, 4, 2, 8)
+
+
+def test_decode_costs_validation():
+    with pytest.raises(ValueError, match="same positions"):
+        DecodeCosts(block=(1.0, 1.0), head=(0.0,))
+    with pytest.raises(ValueError, match="positive"):
+        DecodeCosts(block=(0.0,), head=(0.0,))
+    with pytest.raises(ValueError, match=r"no cost measured for 4 positions \(1..3\)"):
+        round_cost(3, 1, 4, DecodeCosts.layer_count(3))

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 import torch
 
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
-from pretrain.decoding.compiled import CompiledRegionKVCache, compile_blocks_for_decoding
+from pretrain.decoding.compiled import compile_blocks_for_decoding, decoding_cache_type
 from pretrain.decoding.dynamic_exit import DynamicExit
-from pretrain.decoding.kv_cache import StaticKVCache
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.self_speculative import decode_self_speculative
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stats import DecodeStats, Timer
 from pretrain.decoding.stepwise import decode_stepwise, prefill
+from schedules.speedup import DecodeCosts
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
 
@@ -41,6 +41,7 @@ class DecodeOptions:
     max_draft_len: int = 8               # γ range searched by the dynamic exit
     probe_every: int = 4                 # dynamic exit: rounds between reads of candidate exits
     probe_window: int = 2                # dynamic exit: candidates within E ± window
+    costs: DecodeCosts | None = None     # dynamic exit: choose by these measured costs, not layer counts
     compile: str | None = None           # torch.compile the blocks in place: a mode of COMPILE_MODES
     compile_backend: str = "inductor"
 
@@ -71,6 +72,13 @@ def _validate(opts: DecodeOptions, num_layers: int) -> int:
         raise ValueError(f"max_new_tokens={opts.max_new_tokens} must be >= 1")
     if opts.probe_every < 1 or opts.probe_window < 0:
         raise ValueError(f"probe_every={opts.probe_every} must be >= 1 and probe_window={opts.probe_window} >= 0")
+    if opts.costs is not None:
+        if not opts.dynamic_exit:
+            raise ValueError("costs only steer the dynamic exit: set dynamic_exit=True or leave costs unset")
+        longest = max(opts.draft_len, opts.max_draft_len)
+        if opts.costs.max_positions < longest + 1:
+            raise ValueError(f"costs are measured up to {opts.costs.max_positions} positions; draft_len="
+                             f"{opts.draft_len} and max_draft_len={opts.max_draft_len} need {longest + 1}")
     return exit_layer
 
 
@@ -96,8 +104,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
                          f"the model allows {model.cfg.max_seq_len}")
     if opts.compile is not None:
         compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
-    # a compiled model (now or earlier) needs the cache whose update stays out of the graphs
-    cache_type = CompiledRegionKVCache if getattr(model, "_decoding_compile", None) else StaticKVCache
+    cache_type = decoding_cache_type(model)
     stats = DecodeStats()
     runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), stats)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
@@ -109,7 +116,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
                 adaptive = (AdaptiveDraftLength(opts.draft_threshold, opts.target_acceptance)
                             if opts.adaptive_draft else None)
                 dynamic = (DynamicExit(L, exit_layer, opts.draft_len, gamma_cap, probe_every=opts.probe_every,
-                                       window=opts.probe_window) if opts.dynamic_exit else None)
+                                       window=opts.probe_window, costs=opts.costs) if opts.dynamic_exit else None)
                 decode_self_speculative(runner, seqs, exit_layer, opts.draft_len, opts.sampling, generator,
                                         adaptive, dynamic, gamma_cap)
             else:

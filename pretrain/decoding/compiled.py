@@ -40,6 +40,12 @@ class CompiledRegionKVCache(StaticKVCache):
         return self.capacity
 
 
+def decoding_cache_type(model: torch.nn.Module) -> type[StaticKVCache]:
+    """The KV cache a model decodes with: a model compiled for decoding (now or earlier) needs the
+    cache whose update stays out of the graphs."""
+    return CompiledRegionKVCache if getattr(model, "_decoding_compile", None) else StaticKVCache
+
+
 def compile_blocks_for_decoding(model: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> None:
     """Compile each block of `model` in place for decoding (see the module docstring)."""
     if mode not in COMPILE_MODES:

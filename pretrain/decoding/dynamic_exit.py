@@ -12,7 +12,9 @@ Per exit, an exponential moving average of score sums and position counts (so a 
 positions weighs more) gives α(E') = S/N.
 
 Choosing. After each round (E, γ) = argmax over measured exits and γ in 1..max_draft_len of the
-expected tokens per layer evaluated, (1 - α^(γ+1)) / ((1 - α)(γE + L)).
+expected tokens per layer evaluated, (1 - α^(γ+1)) / ((1 - α)(γE + L)), or, given measured
+DecodeCosts, of the expected speedup under those costs (schedules/speedup.py): the time a block
+takes on γ+1 positions and the head's time then count.
 
 Switching E. All blocks share one KV cache and, between rounds, every block holds the KV of
 every committed token but the last (which has not been run at all); each entry was computed from
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schedules.speedup import expected_tokens_per_layer
+from schedules.speedup import DecodeCosts, expected_speedup_with_costs
 
 
 @dataclass
@@ -37,8 +39,16 @@ class DynamicExit:
     probe_every: int = 4
     window: int = 2
     decay: float = 0.8
+    costs: DecodeCosts | None = None   # None: count layers
     score: dict[int, float] = field(default_factory=dict)   # decayed sum of per-position scores
     count: dict[int, float] = field(default_factory=dict)   # decayed number of positions
+
+    def __post_init__(self):
+        if self.costs is None:
+            self.costs = DecodeCosts.layer_count(self.max_draft_len + 1)
+        if self.costs.max_positions < self.max_draft_len + 1:
+            raise ValueError(f"decode costs measured up to {self.costs.max_positions} positions; the dynamic exit "
+                             f"needs max_draft_len + 1 = {self.max_draft_len + 1}")
 
     def probe_exits(self, round_index: int) -> list[int]:
         """Exits other than the current one to read this round (none on most rounds)."""
@@ -59,14 +69,15 @@ class DynamicExit:
         return None if not n else min(1.0, max(0.0, self.score[exit_layer] / n))
 
     def choose(self) -> tuple[int, int]:
-        """Set and return (E, γ) maximising the expected tokens per layer over the measured exits."""
+        """Set and return (E, γ) maximising the expected speedup over the measured exits (with the
+        layer-count costs: the expected tokens per layer, times L)."""
         best = None
         for exit_layer in sorted(self.count):
             alpha = self.acceptance(exit_layer)
             if alpha is None:
                 continue
             for gamma in range(1, self.max_draft_len + 1):
-                value = expected_tokens_per_layer(alpha, gamma, exit_layer, self.num_layers)
+                value = expected_speedup_with_costs(alpha, gamma, exit_layer, self.num_layers, self.costs)
                 if best is None or value > best[0]:
                     best = (value, exit_layer, gamma)
         if best is not None:

@@ -31,10 +31,11 @@ from pretrain.decoding.sequences import Sequences
 
 def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCache, exit_layer: int,
                       draft_len: int, sampling: SamplingConfig, generator: torch.Generator | None,
-                      adaptive: AdaptiveDraftLength | None = None, probes: list[int] = ()
-                      ) -> dict[int, tuple[float, int]]:
-    """One draft/verify round for every unfinished row. Returns {exit: (score, positions)}, the
-    per-exit acceptance evidence (see dynamic_exit.py) for the exit used and the probed exits."""
+                      adaptive: AdaptiveDraftLength | None = None, probes: list[int] = (),
+                      score_exits: bool = False) -> dict[int, tuple[float, int]]:
+    """One draft/verify round for every unfinished row. With `score_exits`, returns {exit: (score,
+    positions)}, the per-exit acceptance evidence (see dynamic_exit.py) for the exit used and the
+    probed exits; otherwise {}."""
     L, E = runner.num_layers, exit_layer
     device = seqs.tokens.device
     active = seqs.active
@@ -121,6 +122,8 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCa
     if adaptive is not None:
         adaptive.update(accepted, accepted + rejections)
 
+    if not score_exits:
+        return {}
     # --- per-exit acceptance evidence, on positions whose inputs were committed (0..n_accepted)
     valid = (torch.arange(G + 1, device=device)[None, :] <= n_accepted[:, None]) & active[:, None]
     evidence = {}
@@ -159,7 +162,7 @@ def decode_self_speculative(runner: BlockRunner, seqs: Sequences, exit_layer: in
     while not seqs.all_finished():
         probes = dynamic.probe_exits(round_index) if dynamic is not None else []
         evidence = speculative_round(runner, seqs, queries, exit_layer, draft_len, sampling, generator,
-                                     adaptive, probes)
+                                     adaptive, probes, score_exits=dynamic is not None)
         if dynamic is not None:
             for e, (score, positions) in evidence.items():
                 dynamic.observe(e, score, positions)

@@ -1,0 +1,74 @@
+"""Measured costs of the decoder's pieces on this machine, for schedules.speedup.DecodeCosts.
+
+The paper's speedup formula counts blocks: a block on γ+1 positions costs what it costs on one,
+and the shared head costs nothing. Neither holds everywhere: a small model's head weighs as much
+as a few blocks, and on a CPU a block's matmuls on γ+1 positions take longer than on one. Timing
+the pieces where they run (one row after a context, through the same KV cache and compiled or
+eager blocks the decoder uses) gives the cost model that predicts the speedup on this hardware
+and lets the dynamic exit choose (E, γ) by time instead of by layer count.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from pretrain.decoding.compiled import decoding_cache_type
+from pretrain.decoding.runner import BlockRunner
+from pretrain.decoding.stats import DecodeStats
+from pretrain.device import synchronize
+from schedules.speedup import DecodeCosts
+
+
+@torch.no_grad()
+def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: int = 64, repeats: int = 15,
+                         warmup: int = 3, seed: int = 0) -> DecodeCosts:
+    """Median seconds of one block (all blocks on M positions, divided by L) and of the head with
+    the greedy argmax on M positions, M = 1..max_positions, for one row after `context` cached
+    tokens of random ids."""
+    if max_positions < 1 or context < 1 or repeats < 1:
+        raise ValueError(f"max_positions={max_positions}, context={context} and repeats={repeats} must be >= 1")
+    cfg = model.cfg
+    if context + max_positions > cfg.max_seq_len:
+        raise ValueError(f"context={context} + max_positions={max_positions} exceeds the model's "
+                         f"max_seq_len={cfg.max_seq_len}")
+    device = model.tok_embeddings.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        cache = decoding_cache_type(model).for_model(model, 1, context + max_positions)
+        runner = BlockRunner(model, cache, DecodeStats())
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(cfg.vocab_size, (1, context + max_positions), generator=generator).to(device)
+        runner.blocks(runner.embed(ids[:, :context]), 0, cfg.n_layers, 1)
+        kept = torch.full((1,), context, dtype=torch.long, device=device)
+        block, head = [], []
+        for m in range(1, max_positions + 1):
+            h = runner.embed(ids[:, context:context + m])
+
+            def blocks(h=h):
+                runner.blocks(h, 0, cfg.n_layers, 1)
+
+            block.append(_median_seconds(blocks, lambda: cache.crop(kept), device, repeats, warmup) / cfg.n_layers)
+            head.append(_median_seconds(lambda h=h: runner.head(h, 1).argmax(-1), lambda: None, device, repeats,
+                                        warmup))
+    finally:
+        model.train(was_training)
+    return DecodeCosts(block=tuple(block), head=tuple(head))
+
+
+def _median_seconds(fn: Callable[[], object], reset: Callable[[], None], device: torch.device, repeats: int,
+                    warmup: int) -> float:
+    """Median wall time of fn() after the device finished its queued work; reset() runs untimed after each."""
+    times = []
+    for i in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        reset()
+    return statistics.median(times)

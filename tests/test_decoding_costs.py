@@ -1,0 +1,86 @@
+"""Decode cost model: the round cost formula matches the block and head calls the decoder makes,
+measured costs steer the dynamic exit without changing greedy output, and bad input is refused."""
+import pytest
+from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread  # noqa: F401
+
+from pretrain.decoding import generate
+from pretrain.decoding.cost_model import measure_decode_costs
+from pretrain.decoding.dynamic_exit import DynamicExit
+from pretrain.decoding.runner import BlockRunner
+from schedules.speedup import DecodeCosts, expected_speedup_with_costs, round_cost
+
+
+def test_round_cost_counts_what_the_decoder_runs(model, monkeypatch):
+    """Log every block and head call of a real decode, price it with a cost table, and compare each
+    full-length round with round_cost."""
+    costs = DecodeCosts(block=(1.0, 1.7, 2.9, 3.1), head=(0.4, 0.9, 1.3, 2.2))
+    spent, rounds = [0.0], []
+    blocks, head, crop = BlockRunner.blocks, BlockRunner.head, BlockRunner.crop_to_committed
+
+    def priced_blocks(self, h, start, stop, rows, exits=()):
+        spent[0] += (max(stop - start, 0)) * costs.block_cost(h.shape[1])
+        return blocks(self, h, start, stop, rows, exits)
+
+    def priced_head(self, h, rows):
+        spent[0] += costs.head_cost(h.shape[1] if h.dim() == 3 else 1)
+        return head(self, h, rows)
+
+    def end_of_round(self, length, stop=None):
+        rounds.append(spent[0])
+        spent[0] = 0.0
+        return crop(self, length, stop)
+
+    monkeypatch.setattr(BlockRunner, "blocks", priced_blocks)
+    monkeypatch.setattr(BlockRunner, "head", priced_head)
+    monkeypatch.setattr(BlockRunner, "crop_to_committed", end_of_round)
+    E, gamma, L = 2, 3, model.cfg.n_layers
+    _, stats = generate(model, PROMPTS[:1], exit_layer=E, draft_len=gamma, max_new_tokens=NEW)
+    per_round = rounds[1:]  # the first is the prefill
+    assert len(per_round) == len(stats.draft_lens)
+    full = [c for c, g in zip(per_round, stats.draft_lens) if g == gamma]
+    assert len(full) >= 3
+    assert full == pytest.approx([round_cost(gamma, E, L, costs)] * len(full))
+
+
+def test_measured_costs_are_timings_of_every_width(model):
+    costs = measure_decode_costs(model, max_positions=3, context=8, repeats=3, warmup=1)
+    assert costs.max_positions == 3
+    assert all(b > 0 for b in costs.block) and all(h > 0 for h in costs.head)
+    assert not model.training
+    model.train()
+    try:
+        measure_decode_costs(model, max_positions=1, context=4, repeats=1, warmup=0)
+        assert model.training  # the caller's mode is restored
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        measure_decode_costs(model, max_positions=4, context=model.cfg.max_seq_len)
+    with pytest.raises(ValueError, match="max_positions=0"):
+        measure_decode_costs(model, max_positions=0)
+
+
+def test_costs_steer_the_dynamic_exit_toward_short_drafts():
+    # a block on M positions costing M (a compute-bound device) makes long verifies expensive
+    linear = DecodeCosts(block=tuple(float(m) for m in range(1, 8)), head=(0.0,) * 7)
+    by_layers = DynamicExit(num_layers=8, exit_layer=2, draft_len=2, max_draft_len=6)
+    by_time = DynamicExit(num_layers=8, exit_layer=2, draft_len=2, max_draft_len=6, costs=linear)
+    for ctl in (by_layers, by_time):
+        ctl.observe(2, score=9.0, positions=10)   # α = 0.9
+        ctl.choose()
+    assert by_time.draft_len < by_layers.draft_len
+    best = max((expected_speedup_with_costs(0.9, g, 2, 8, linear), g) for g in range(1, 7))
+    assert by_time.draft_len == best[1]
+    with pytest.raises(ValueError, match="max_draft_len \\+ 1 = 7"):
+        DynamicExit(num_layers=8, exit_layer=2, draft_len=2, max_draft_len=6, costs=DecodeCosts.layer_count(4))
+
+
+def test_dynamic_exit_with_measured_costs_keeps_greedy_output_exact(model, expected):
+    costs = measure_decode_costs(model, max_positions=5, context=8, repeats=2, warmup=1)
+    out, stats = generate(model, PROMPTS, exit_layer=4, draft_len=2, max_new_tokens=NEW, dynamic_exit=True,
+                          max_draft_len=4, probe_every=1, costs=costs)
+    assert out == expected
+    assert stats.rounds > 0
+    with pytest.raises(ValueError, match="costs only steer the dynamic exit"):
+        generate(model, PROMPTS, max_new_tokens=4, costs=costs)
+    with pytest.raises(ValueError, match="max_draft_len=8 need 9"):
+        generate(model, PROMPTS, max_new_tokens=4, dynamic_exit=True, costs=costs)
