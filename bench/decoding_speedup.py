@@ -144,7 +144,8 @@ def main() -> None:
              f"Autoregressive: {n_tok / times['autoregressive']:,.0f} tokens/s (batch 1)", "",
              "Measured costs on this machine, one row after a context (ms): "
              + ", ".join(f"M={m + 1}: block {b * 1e3:.2f}, head {h * 1e3:.2f}"
-                         for m, (b, h) in enumerate(zip(costs.block, costs.head))) + ".", "",
+                         for m, (b, h) in enumerate(zip(costs.block, costs.head)))
+             + f"; rest of a forward pass {costs.step * 1e3:.2f}.", "",
              "| E | γ | tokens/s | speedup | acceptance α | layer evals/token | predicted speedup | measured/predicted "
              "| predicted with measured costs | measured/predicted with costs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -174,7 +175,7 @@ def main() -> None:
     record("decoding_speedup", "Self-speculative decoding benchmark",
            {"args": vars(args), "rows": rows, "autoregressive_s": times["autoregressive"], "hf": hf_rows,
             "hf_seconds": hf_times, "batch_seconds": batch_times,
-            "costs": {"block_s": costs.block, "head_s": costs.head},
+            "costs": {"block_s": costs.block, "head_s": costs.head, "step_s": costs.step},
             "dynamic": dynamic_stats}, "\n".join(lines))
 
 

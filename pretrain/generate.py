@@ -180,7 +180,7 @@ def measured_costs(model: torch.nn.Module, opts: DecodeOptions):
     if opts.compile is not None:
         compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
     positions = max(opts.draft_len, opts.max_draft_len) + 1   # the γ range the dynamic exit searches, + 1
-    costs = [measure_decode_costs(model, positions, context=max(min(64, model.cfg.max_seq_len - positions), 1))]
+    costs = [measure_decode_costs(model, positions)]
     if dist.is_initialized():
         dist.broadcast_object_list(costs, src=0)
     return costs[0]
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                   "draft_len": opts.draft_len, "adaptive_draft": opts.adaptive_draft,
                   "dynamic_exit": opts.dynamic_exit, "prompts": len(prompts), **stats.summary()}
         if opts.costs is not None:
-            report["decode_costs"] = {"block_s": list(opts.costs.block), "head_s": list(opts.costs.head)}
+            report["decode_costs"] = {"block_s": list(opts.costs.block), "head_s": list(opts.costs.head),
+                                      "step_s": opts.costs.step}
         if args.measure_speedup:
             report.update(measure_against_autoregressive(model, prompt_ids, opts, args.batch_size, outputs, stats))
     except (ValueError, FileNotFoundError) as err:

@@ -7,11 +7,12 @@ With acceptance α per drafted token, draft length γ, exit E of L layers and th
     tokens per layer evaluated  (1 - α^(γ+1)) / ((1 - α)(γE + L))
 
 The layer count assumes a block costs the same on 1 and on γ+1 positions and the shared head costs
-nothing. With measured costs b(M), h(M) of one block and of the head on M positions of a row:
-    round          γ(E b(1) + h(1)) + E b(1) + (L - E) b(γ+1) + h(γ+1)
-                   (γ draft steps; in the verify pass, the early blocks on the one uncached draft
+nothing. With measured costs b(M), h(M) of one block and of the head on M positions of a row,
+and s of the rest of one forward pass (embedding, token choice, cache bookkeeping):
+    round          γ(E b(1) + h(1) + s) + E b(1) + (L - E) b(γ+1) + h(γ+1) + s
+                   (γ draft passes; in the verify pass, the early blocks on the one uncached draft
                    and the late blocks and the head on all γ+1 positions)
-    autoregressive L b(1) + h(1) per token
+    autoregressive L b(1) + h(1) + s per token
     speedup        tokens per round · autoregressive / round
 which is the layer-count speedup when b ≡ 1 and h ≡ 0.
 """
@@ -74,20 +75,22 @@ def best_draft_config(acceptance_by_exit: dict[int, float], num_layers: int, max
 @dataclass(frozen=True)
 class DecodeCosts:
     """Cost of one block (`block[M-1]`) and of the shared exit head (`head[M-1]`) on M positions of
-    one row, M = 1..max_positions, in any one unit (seconds when measured)."""
+    one row, M = 1..max_positions, and of the rest of one forward pass (`step`), in any one unit
+    (seconds when measured)."""
     block: tuple[float, ...]
     head: tuple[float, ...]
+    step: float = 0.0
 
     def __post_init__(self):
         if not self.block or len(self.block) != len(self.head):
             raise ValueError(f"DecodeCosts needs block and head costs for the same positions 1..M, "
                              f"got {len(self.block)} and {len(self.head)}")
-        if min(self.block) <= 0 or min(self.head) < 0:
-            raise ValueError(f"DecodeCosts must be positive: block={self.block}, head={self.head}")
+        if min(self.block) <= 0 or min(self.head) < 0 or self.step < 0:
+            raise ValueError(f"DecodeCosts must be positive: block={self.block}, head={self.head}, step={self.step}")
 
     @classmethod
     def layer_count(cls, max_positions: int) -> "DecodeCosts":
-        """The paper's model: a block costs 1 on any number of positions, the head 0."""
+        """The paper's model: a block costs 1 on any number of positions, the head and the rest 0."""
         return cls(block=(1.0,) * max_positions, head=(0.0,) * max_positions)
 
     @property
@@ -107,17 +110,17 @@ class DecodeCosts:
 
 
 def round_cost(draft_len: int, exit_layer: int, num_layers: int, costs: DecodeCosts) -> float:
-    """γ(E b(1) + h(1)) + E b(1) + (L - E) b(γ+1) + h(γ+1): one draft-verify round of one row."""
+    """γ(E b(1) + h(1) + s) + E b(1) + (L - E) b(γ+1) + h(γ+1) + s: one draft-verify round of one row."""
     _check_exit(exit_layer, num_layers)
     b1, h1 = costs.block_cost(1), costs.head_cost(1)
     g = draft_len
-    return g * (exit_layer * b1 + h1) + exit_layer * b1 + (num_layers - exit_layer) * costs.block_cost(g + 1) \
-        + costs.head_cost(g + 1)
+    return g * (exit_layer * b1 + h1 + costs.step) + exit_layer * b1 \
+        + (num_layers - exit_layer) * costs.block_cost(g + 1) + costs.head_cost(g + 1) + costs.step
 
 
 def expected_speedup_with_costs(acceptance: float, draft_len: int, exit_layer: int, num_layers: int,
                                 costs: DecodeCosts) -> float:
-    """Tokens per round · (L b(1) + h(1)) / round_cost: the speedup over autoregressive decoding."""
-    autoregressive = num_layers * costs.block_cost(1) + costs.head_cost(1)
+    """Tokens per round · (L b(1) + h(1) + s) / round_cost: the speedup over autoregressive decoding."""
+    autoregressive = num_layers * costs.block_cost(1) + costs.head_cost(1) + costs.step
     return (expected_tokens_per_round(acceptance, draft_len) * autoregressive
             / round_cost(draft_len, exit_layer, num_layers, costs))

@@ -11,11 +11,15 @@ from schedules.speedup import DecodeCosts, expected_speedup_with_costs, round_co
 
 
 def test_round_cost_counts_what_the_decoder_runs(model, monkeypatch):
-    """Log every block and head call of a real decode, price it with a cost table, and compare each
-    full-length round with round_cost."""
-    costs = DecodeCosts(block=(1.0, 1.7, 2.9, 3.1), head=(0.4, 0.9, 1.3, 2.2))
+    """Log every block, head and embedding call (one per forward pass) of a real decode, price it
+    with a cost table, and compare each full-length round with round_cost."""
+    costs = DecodeCosts(block=(1.0, 1.7, 2.9, 3.1), head=(0.4, 0.9, 1.3, 2.2), step=0.25)
     spent, rounds = [0.0], []
-    blocks, head, crop = BlockRunner.blocks, BlockRunner.head, BlockRunner.crop_to_committed
+    embed, blocks, head, crop = BlockRunner.embed, BlockRunner.blocks, BlockRunner.head, BlockRunner.crop_to_committed
+
+    def priced_embed(self, tokens):
+        spent[0] += costs.step
+        return embed(self, tokens)
 
     def priced_blocks(self, h, start, stop, rows, exits=()):
         spent[0] += (max(stop - start, 0)) * costs.block_cost(h.shape[1])
@@ -30,6 +34,7 @@ def test_round_cost_counts_what_the_decoder_runs(model, monkeypatch):
         spent[0] = 0.0
         return crop(self, length, stop)
 
+    monkeypatch.setattr(BlockRunner, "embed", priced_embed)
     monkeypatch.setattr(BlockRunner, "blocks", priced_blocks)
     monkeypatch.setattr(BlockRunner, "head", priced_head)
     monkeypatch.setattr(BlockRunner, "crop_to_committed", end_of_round)
@@ -45,7 +50,7 @@ def test_round_cost_counts_what_the_decoder_runs(model, monkeypatch):
 def test_measured_costs_are_timings_of_every_width(model):
     costs = measure_decode_costs(model, max_positions=3, context=8, repeats=3, warmup=1)
     assert costs.max_positions == 3
-    assert all(b > 0 for b in costs.block) and all(h > 0 for h in costs.head)
+    assert all(b > 0 for b in costs.block) and all(h > 0 for h in costs.head) and costs.step >= 0
     assert not model.training
     model.train()
     try:
@@ -54,7 +59,7 @@ def test_measured_costs_are_timings_of_every_width(model):
     finally:
         model.eval()
     with pytest.raises(ValueError, match="max_seq_len"):
-        measure_decode_costs(model, max_positions=4, context=model.cfg.max_seq_len)
+        measure_decode_costs(model, max_positions=4, context=model.cfg.max_seq_len - 10)
     with pytest.raises(ValueError, match="max_positions=0"):
         measure_decode_costs(model, max_positions=0)
 

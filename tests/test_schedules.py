@@ -383,6 +383,10 @@ def test_speedup_with_costs_hand_values():
     assert expected_speedup_with_costs(0.5, 2, 1, 4, costs) == pytest.approx(1.75 * 4.5 / 14.5)
     # a head as costly as the blocks makes drafting less attractive than the layer count says
     heavy = DecodeCosts(block=(1.0,) * 5, head=(4.0,) * 5)
+    # a pass overhead s: 2 drafts + 1 verify pass more, 1 more per autoregressive token
+    with_step = DecodeCosts(block=(1.0, 2.0, 3.0), head=(0.5, 1.0, 1.5), step=0.5)
+    assert round_cost(2, 1, 4, with_step) == pytest.approx(14.5 + 3 * 0.5)
+    assert expected_speedup_with_costs(0.5, 2, 1, 4, with_step) == pytest.approx(1.75 * 5.0 / 16.0)
     assert expected_speedup_with_costs(0.8, 4, 2, 8, heavy) < expected_speedup(0.8, 4, 2, 8)
 
 

@@ -5,7 +5,10 @@ and the shared head costs nothing. Neither holds everywhere: a small model's hea
 as a few blocks, and on a CPU a block's matmuls on γ+1 positions take longer than on one. Timing
 the pieces where they run (one row after a context, through the same KV cache and compiled or
 eager blocks the decoder uses) gives the cost model that predicts the speedup on this hardware
-and lets the dynamic exit choose (E, γ) by time instead of by layer count.
+and lets the dynamic exit choose (E, γ) by time instead of by layer count. What a forward pass
+costs beyond its blocks and head (embedding, choosing the token, cache bookkeeping) is measured
+too: autoregressive decoding pays it per token, self-speculative decoding per draft or verify
+pass.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from pretrain.decoding.api import generate
 from pretrain.decoding.compiled import decoding_cache_type
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.stats import DecodeStats
@@ -22,18 +26,25 @@ from pretrain.device import synchronize
 from schedules.speedup import DecodeCosts
 
 
+# the pass overhead is the slope of autoregressive decoding time over this many extra tokens
+_STEP_TOKENS = (2, 18)
+
+
 @torch.no_grad()
-def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: int = 64, repeats: int = 15,
-                         warmup: int = 3, seed: int = 0) -> DecodeCosts:
+def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: int | None = None,
+                         repeats: int = 15, warmup: int = 3, seed: int = 0) -> DecodeCosts:
     """Median seconds of one block (all blocks on M positions, divided by L) and of the head with
     the greedy argmax on M positions, M = 1..max_positions, for one row after `context` cached
-    tokens of random ids."""
+    tokens of random ids (default: up to 64, what the model's max_seq_len leaves); and the rest of
+    a forward pass: the per-token slope of autoregressive decoding time less L b(1) + h(1)."""
+    cfg = model.cfg
+    longest = max(max_positions, _STEP_TOKENS[1])
+    if context is None:
+        context = min(64, cfg.max_seq_len - longest)
     if max_positions < 1 or context < 1 or repeats < 1:
         raise ValueError(f"max_positions={max_positions}, context={context} and repeats={repeats} must be >= 1")
-    cfg = model.cfg
-    if context + max_positions > cfg.max_seq_len:
-        raise ValueError(f"context={context} + max_positions={max_positions} exceeds the model's "
-                         f"max_seq_len={cfg.max_seq_len}")
+    if context + longest > cfg.max_seq_len:
+        raise ValueError(f"context={context} + {longest} positions exceeds the model's max_seq_len={cfg.max_seq_len}")
     device = model.tok_embeddings.weight.device
     was_training = model.training
     model.eval()
@@ -54,9 +65,16 @@ def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: in
             block.append(_median_seconds(blocks, lambda: cache.crop(kept), device, repeats, warmup) / cfg.n_layers)
             head.append(_median_seconds(lambda h=h: runner.head(h, 1).argmax(-1), lambda: None, device, repeats,
                                         warmup))
+        prompt = [ids[0, :context].tolist()]
+        short, long = (_median_seconds(lambda n=n: generate(model, prompt, strategy="autoregressive",
+                                                             max_new_tokens=n), lambda: None, device,
+                                       max(repeats // 3, 1), 1)
+                       for n in _STEP_TOKENS)
+        per_token = (long - short) / (_STEP_TOKENS[1] - _STEP_TOKENS[0])
+        step = max(per_token - cfg.n_layers * block[0] - head[0], 0.0)
     finally:
         model.train(was_training)
-    return DecodeCosts(block=tuple(block), head=tuple(head))
+    return DecodeCosts(block=tuple(block), head=tuple(head), step=step)
 
 
 def _median_seconds(fn: Callable[[], object], reset: Callable[[], None], device: torch.device, repeats: int,
