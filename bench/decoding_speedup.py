@@ -12,7 +12,8 @@
   generate(assistant_early_exit=E, num_assistant_tokens=γ): identical greedy tokens, and tokens/s;
 - tokens/s at batch 8 vs batch 1.
 
-    python -m bench.decoding_speedup --checkpoint runs/bench_decode [--prompts 8] [--new-tokens 64]
+    python -m bench.decoding_speedup --checkpoint runs/bench_decode [--prompts 8] [--new-tokens 64] \
+        [--device cuda --dtype bfloat16] [--compile reduce-overhead]
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from bench.common import interleaved_medians, record
 from pretrain.checkpoint.inference import load_model, resolve_checkpoint
 from pretrain.data.dataset import PackedDataset
 from pretrain.decoding import DecodeOptions, DecodeStats, generate
+from pretrain.decoding.compiled import COMPILE_MODES, compile_blocks_for_decoding
 from pretrain.decoding.cost_model import measure_decode_costs
+from pretrain.device import select_device
 from schedules.speedup import expected_speedup, expected_speedup_with_costs
 
 
@@ -47,7 +50,7 @@ def hf_generate_each(hf, prompts, new_tokens, exit_layer=None, gamma=None):
         if exit_layer is not None:
             kwargs.update(assistant_early_exit=exit_layer, num_assistant_tokens=gamma,
                           num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
-        out = hf.generate(torch.tensor([p]), **kwargs)
+        out = hf.generate(torch.tensor([p], device=hf.device), **kwargs)
         outs.append(out[0, len(p):].tolist())
     return outs
 
@@ -61,10 +64,17 @@ def main() -> None:
     ap.add_argument("--exits", default="1,2,3,4")
     ap.add_argument("--gammas", default="1,2,3,4,6")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (transformers runs on the same device)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--compile", choices=COMPILE_MODES, help="compile our blocks for decoding (not transformers')")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     ckpt = resolve_checkpoint(args.checkpoint)
-    model, _ = load_model(ckpt)
+    device = select_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model, _ = load_model(ckpt, device=device, dtype=dtype)
+    if args.compile:
+        compile_blocks_for_decoding(model, args.compile)
     L = model.cfg.n_layers
     from omegaconf import OmegaConf
     val = PackedDataset(OmegaConf.load(ckpt / "config.yaml").data.dir, "val")
@@ -83,8 +93,8 @@ def main() -> None:
         cases[f"E={E},g={g}"] = (lambda o=opts: decode_each(model, prompts, o))
     max_gamma = max(g for _, g in configs)
     costs = measure_decode_costs(model, max_gamma + 1, context=args.prompt_len + args.new_tokens // 2)
-    dynamic = {name: DecodeOptions(exit_layer=L // 2, draft_len=2, max_draft_len=max_gamma, dynamic_exit=True,
-                                   costs=c, max_new_tokens=args.new_tokens)
+    dynamic = {name: DecodeOptions(exit_layer=L // 2, draft_len=min(2, max_gamma), max_draft_len=max_gamma,
+                                   dynamic_exit=True, costs=c, max_new_tokens=args.new_tokens)
                for name, c in (("dynamic by layer count", None), ("dynamic by measured costs", costs))}
     dynamic_stats = {}
     for name, opts in dynamic.items():
@@ -110,8 +120,8 @@ def main() -> None:
     from transformers import LlamaForCausalLM
     hf_rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        save_hf_checkpoint(model, tmp)
-        hf = LlamaForCausalLM.from_pretrained(tmp).eval()
+        save_hf_checkpoint(load_model(ckpt)[0], tmp)  # exported from a float32 CPU copy
+        hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     hf_configs = sorted({(best["exit_layer"], best["draft_len"]), (2, 4), (1, 2)} & set(configs))
     hf_cases = {"hf autoregressive": lambda: hf_generate_each(hf, prompts, args.new_tokens),
                 "ours autoregressive": lambda: decode_each(model, prompts, ar)}
@@ -156,7 +166,7 @@ def main() -> None:
                      f"**{r['measured_over_predicted']:.2f}** | {r['predicted_with_costs']:.2f}x | "
                      f"**{r['measured_over_predicted_with_costs']:.2f}** |")
     lines += ["", f"Best: E={best['exit_layer']} γ={best['draft_len']}, {best['speedup']:.2f}x.", "",
-              f"## dynamic exit (start E={L // 2}, γ=2, γ up to {max_gamma})", "",
+              f"## dynamic exit (start E={L // 2}, γ={min(2, max_gamma)}, γ up to {max_gamma})", "",
               "| chooser | tokens/s | speedup | mean E | mean γ | acceptance α |", "|---|---|---|---|---|---|"]
     for name, summary in dynamic_stats.items():
         lines.append(f"| {name} | {n_tok / times[name]:,.0f} | {times['autoregressive'] / times[name]:.2f}x | "
