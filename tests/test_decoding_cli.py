@@ -119,3 +119,9 @@ def test_tensor_parallel_under_torchrun_prints_the_single_process_output(capsys,
     got, expected = json.loads(parallel[-1]), json.loads(single[-1])
     for key in ("generated_tokens", "accepted", "drafted", "layer_evals_per_token"):
         assert got[key] == expected[key], key
+    # the dynamic exit steered by measured costs: every rank uses rank 0's timings, so all choose the
+    # same (E, γ) each round (diverging choices would desynchronise the collectives) and the text is exact
+    steered = torchrun_stdout(2, ["-m", "pretrain.generate", *argv, "--dynamic-exit", "--max-draft-len", "4",
+                                  "--measure-costs"]).strip().splitlines()
+    assert steered[:-1] == single[:-1]
+    assert len(json.loads(steered[-1])["decode_costs"]["block_s"]) == 5

@@ -13,8 +13,8 @@ right-padded to the longest prompt, then `crop(prompt_lengths)` drops the paddin
 verification the decoder crops every layer, early and late, to the committed tokens. Blocks are
 addressed by global index, so a model whose `layers` ModuleDict holds a subset works unchanged.
 
-Masks. Every layer run in one forward starts from the same lengths, so the mask is built once per
-forward and reused: a layer's lengths are (lengths given at its last crop) + (tokens written
+Masks. Every layer run in one forward starts from the same lengths, so the write slots and the
+mask are built once per forward and reused: a layer's lengths are (lengths given at its last crop) + (tokens written
 since), identified on the host by (crop generation, tokens written). The same host bookkeeping
 gives the attended span without reading device memory.
 """
@@ -42,6 +42,7 @@ class StaticKVCache:
         self._state = {l: (0, 0) for l in layers}   # layer -> (generation, tokens written since)
         self._mask_key: tuple | None = None
         self._mask: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None     # scatter index of the slots written, with the mask
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, capacity: int) -> "StaticKVCache":
@@ -74,17 +75,17 @@ class StaticKVCache:
         span = self._max_at_crop[generation] + written + t
         if span > self.capacity:
             raise ValueError(f"decoding needs {span} cache slots, the cache holds {self.capacity}")
-        slots = self.positions(layer, t)                                   # [B, T]
-        index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k[layer].scatter_(2, index, k.to(self.k[layer].dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
-        self.lengths[layer] += t
-        self._state[layer] = (generation, written + t)
         width = self.attended_width(span)
         key = (generation, written, t)
-        if key != self._mask_key:
+        if key != self._mask_key:  # the first layer of this forward: the others reuse slots and mask
+            slots = self.positions(layer, t)                               # [B, T]
+            self._index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             self._mask = self._slots[None, None, None, :width] <= slots[:, None, :, None]
             self._mask_key = key
+        self.k[layer].scatter_(2, self._index, k.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, self._index, v.to(self.v[layer].dtype))
+        self.lengths[layer] += t
+        self._state[layer] = (generation, written + t)
         return self.k[layer][:, :, :width], self.v[layer][:, :, :width], self._mask
 
     def attended_width(self, span: int) -> int:

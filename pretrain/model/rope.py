@@ -32,12 +32,15 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.d
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, Dh]; cos/sin: [T, Dh] or [B, T, Dh] (per-row positions)."""
-    if cos.dim() == 2:
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    else:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def rotate_half_signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) · sin = roll(x, Dh/2) · rotate_half_signed(sin),
+    as rotate_half(x) = [-x2, x1] and roll(x, Dh/2) = [x2, x1]. The sign is exact, so is the identity."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x · cos + rotate_half(x) · sin for x [B, T, H, Dh]; cos and signed_sin = rotate_half_signed(sin)
+    broadcast to x ([1 or B, T, 1, Dh], as LayerSkipTransformer.rope gives them). One roll instead of
+    two slices, a negation and a concatenation per call: decoding runs this twice per block per token."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)

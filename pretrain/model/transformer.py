@@ -15,7 +15,7 @@ from torch import nn
 
 from pretrain.model.config import ModelConfig
 from pretrain.model.layers import KVCache, TransformerBlock
-from pretrain.model.rope import rope_tables
+from pretrain.model.rope import rope_tables, rotate_half_signed
 
 
 class LayerSkipTransformer(nn.Module):
@@ -34,7 +34,7 @@ class LayerSkipTransformer(nn.Module):
         self.skip_empty_blocks = True
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=self._rope_scaling())
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin", rotate_half_signed(sin), persistent=False)   # as apply_rope takes it
         self.reset_parameters()
 
     @property
@@ -59,7 +59,7 @@ class LayerSkipTransformer(nn.Module):
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
                                device=self.rope_cos.device, scaling=self._rope_scaling())
         self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.rope_sin.copy_(rotate_half_signed(sin))
 
     def _rope_scaling(self) -> dict | None:
         c = self.cfg
@@ -70,11 +70,17 @@ class LayerSkipTransformer(nn.Module):
                 "original_max_positions": c.rope_original_max_positions}
 
     def rope(self, seq_len: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) for apply_rope: [1, T, 1, Dh] for positions 0..T-1 (None) or given for
+        all rows ([T]), [B, T, 1, Dh] for per-row positions [B, T]; shaped once per forward."""
         if positions is None:
             if seq_len > self.cfg.max_seq_len:
                 raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-            return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-        return self.rope_cos[positions], self.rope_sin[positions]
+            cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if cos.dim() == 2:  # one position range for every row
+            cos, sin = cos[None], sin[None]
+        return cos[:, :, None], sin[:, :, None]
 
     def run_layers(self, h: torch.Tensor, *, keep: torch.Tensor | None = None,
                    exits: Iterable[int] = (), positions: torch.Tensor | None = None,
@@ -107,7 +113,7 @@ class LayerSkipTransformer(nn.Module):
         if self.skip_empty_blocks and not bool(rows.any()):
             return h
         idx = rows.nonzero().squeeze(1)
-        if cos.dim() == 3:  # per-row positions
+        if cos.shape[0] > 1:  # per-row positions
             cos, sin = cos.index_select(0, idx), sin.index_select(0, idx)
         return h.index_copy(0, idx, block(h.index_select(0, idx), cos, sin, cache, layer))
 
