@@ -140,6 +140,12 @@ def setup_parallel(cfg: RunConfig, world_size: int | None = None) -> tuple[Paral
     return ParallelContext(layout=layout, device=device, mesh=build_mesh(layout, device)), created
 
 
-def teardown_parallel() -> None:
+def teardown_parallel(wait_for_peers: bool = True) -> None:
+    """Leave the process group. After a success, once every rank is done (the barrier): otherwise a
+    rank could tear down while a peer's last collective is still in flight, and gloo aborts the
+    process at exit. After a failure, at once: peers may be stuck in a collective this rank never
+    joins, and a barrier could wait on them for the whole process-group timeout."""
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()

@@ -241,5 +241,5 @@ if __name__ == "__main__":
 
     torch.set_grad_enabled(False)
     code = main()
-    teardown_parallel()    # the process group a torchrun launch created
+    teardown_parallel(wait_for_peers=code == 0)    # the process group a torchrun launch created
     sys.exit(code)

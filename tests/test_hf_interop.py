@@ -249,6 +249,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     save_hf_checkpoint(model, sys.argv[1], max_shard_bytes=20_000)
     import os
     assert os.path.isfile(os.path.join(sys.argv[1], "config.json"))  # in place on every rank on return
+    dist.barrier()  # no rank leaves while a peer's last collective is in flight
     dist.destroy_process_group()
 """)
 

@@ -76,10 +76,14 @@ def train(cfg: RunConfig) -> dict:
     # creates the process group and the device mesh.
     ctx, created_group = setup_parallel(cfg)
     try:
-        return _train(cfg, ctx, run_dir)
-    finally:
+        summary = _train(cfg, ctx, run_dir)
+    except BaseException:
         if created_group:
-            teardown_parallel()
+            teardown_parallel(wait_for_peers=False)
+        raise
+    if created_group:
+        teardown_parallel()
+    return summary
 
 
 def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:

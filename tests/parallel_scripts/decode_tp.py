@@ -67,6 +67,7 @@ def main() -> None:
                                                                                  expected_stats.rejections),
                         "rejections": stats.rejections, "sharded_rows": local_rows,
                         "full_rows": single.layers["0"].attention.wq.weight.shape[0]})
+    dist.barrier()  # no rank leaves while a peer's last collective is in flight
     dist.destroy_process_group()
 
 

@@ -106,6 +106,7 @@ def main(specs: list[str]) -> None:
         if dist.get_rank() == 0:
             report(out)
         dist.barrier()
+    dist.barrier()  # no rank leaves while a peer's last collective is in flight
     dist.destroy_process_group()
 
 

@@ -34,6 +34,7 @@ def main(out: str, jobs: list[str]) -> None:
             report({"job": name, "losses": summary["losses"]})
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
+    dist.barrier()  # no rank leaves while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
