@@ -53,7 +53,7 @@ def worker(repeats: int, micro: list[int]) -> None:
     from pretrain.model import LayerSkipTransformer
     from parallel.engine import ParallelTrainer
     from parallel.layout import check_layout
-    from parallel.mesh import ParallelContext, build_mesh, init_process_group
+    from parallel.mesh import ParallelContext, build_mesh, init_process_group, teardown_parallel
     from parallel.pipeline import run_schedule
     from parallel.stage import StepState
 
@@ -99,7 +99,7 @@ def worker(repeats: int, micro: list[int]) -> None:
         out[name] = {"bubble": float(t[0]) / dist.get_world_size(), "step_s": float(t[1]) / dist.get_world_size()}
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(out), flush=True)
-    dist.destroy_process_group()
+    teardown_parallel()
 
 
 def _timed(fn, acc: list[float]):

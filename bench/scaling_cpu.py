@@ -52,7 +52,7 @@ def worker(world: int, repeats: int) -> None:
     from pretrain.data.loader import rank_slice
     from pretrain.layerskip.plan import step_plan
     from pretrain.model import LayerSkipTransformer
-    from parallel.mesh import setup_parallel
+    from parallel.mesh import setup_parallel, teardown_parallel
     from parallel.runtime import build_trainer
 
     cases, times = {}, {}
@@ -85,8 +85,7 @@ def worker(world: int, repeats: int) -> None:
         out[name] = float(t[0])
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("RESULT " + json.dumps(out), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_parallel()
 
 
 def main() -> None:
