@@ -16,17 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.hf_interop.io import canonical_parameter_name
 from pretrain.model import LayerSkipTransformer
 from parallel.mesh import ParallelContext
-
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def _clean(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
 
 def local_full_state_dict(parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     """Unsharded CPU copies of this rank's parts' parameters (collective over each stage's mesh)."""
@@ -35,7 +27,7 @@ def local_full_state_dict(parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]
         for name, value in part.state_dict().items():
             if hasattr(value, "full_tensor"):
                 value = value.full_tensor()
-            out[_clean(name)] = value.detach().cpu().clone()
+            out[canonical_parameter_name(name)] = value.detach().cpu().clone()
     return out
 
 

@@ -4,8 +4,9 @@ Two LayerSkip-specific settings:
   * gradients are SUMMED over data-parallel ranks, not averaged: every micro-batch loss is
     already divided by the token count of the whole step on all ranks, so the sum is exactly the
     single-process gradient (a sum-only reduction, which gloo and NCCL both support);
-  * `skip_empty_blocks = False`: FSDP all-gathers a block's weights when the block runs, so a
-    rank whose samples all skip a block must still run it (on an empty batch) or the job hangs.
+  * FSDP all-gathers a block's weights when the block runs, so a rank whose samples all skip a
+    block must still run it or the job hangs: the engine sets the stage's dummy_row_for_empty
+    (parallel/stage.py) on every part it shards.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, reshard_after_forward: 
     for block in model.layers.values():
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
-    model.skip_empty_blocks = False
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

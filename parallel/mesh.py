@@ -111,11 +111,6 @@ class ParallelContext:
     def pp_group(self) -> dist.ProcessGroup | None:
         return self.mesh.get_group("pp") if self.has("pp") else None
 
-    @property
-    def stage_mesh(self) -> DeviceMesh | None:
-        """The mesh one pipeline stage's parameters live on (everything but pp)."""
-        return self.sub("dp_replicate", "dp_shard", "tp")
-
 
 def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh | None:
     sizes = {"pp": layout.pp, "dp_replicate": layout.dp_replicate, "dp_shard": layout.dp_shard,

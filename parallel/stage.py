@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from pretrain.device import autocast
-from pretrain.layerskip.early_exit_loss import exit_cross_entropy_sum
+from pretrain.layerskip.early_exit_loss import early_exit_loss
 from pretrain.layerskip.plan import StepPlan
 from pretrain.model import LayerSkipTransformer
 
@@ -59,12 +58,6 @@ class AddStageLoss(torch.autograd.Function):
         if not ctx.has_loss:
             return grad_h, None
         return grad_h, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
-
-
-def _to_local(t: torch.Tensor) -> torch.Tensor:
-    """loss_parallel's cross-entropy sum is a DTensor replicated over tp: take the local value
-    (differentiable)."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class LayerSkipStage(LayerSkipTransformer):
@@ -129,17 +122,13 @@ class LayerSkipStage(LayerSkipTransformer):
 
     def _exit_loss(self, hiddens: dict[int, torch.Tensor], targets: torch.Tensor, exits: list[int],
                    st: StepState) -> torch.Tensor | None:
-        total = None
-        for layer in exits:
-            if st.checkpoint_heads:
-                ce_sum = checkpoint(exit_cross_entropy_sum, self.exit_logits, hiddens[layer], targets,
-                                    use_reentrant=False)
-            else:
-                ce_sum = exit_cross_entropy_sum(self.exit_logits, hiddens[layer], targets)
-            loss = _to_local(ce_sum) / st.step_tokens
-            st.exit_sums[layer] = st.exit_sums.get(layer, 0.0) + loss.detach()
-            weighted = st.plan.exit_weights[layer] * loss
-            total = weighted if total is None else total + weighted
+        if not exits:
+            return None
+        total, per_exit = early_exit_loss(self.exit_logits, hiddens, targets,
+                                          {l: st.plan.exit_weights[l] for l in exits}, st.step_tokens,
+                                          st.checkpoint_heads)
+        for layer, loss in per_exit.items():
+            st.exit_sums[layer] = st.exit_sums.get(layer, 0.0) + loss
         return total
 
 

@@ -91,18 +91,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def load_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Module, str | None]:
     """(model, tokenizer.json path or None): a Hugging Face Llama directory or one of our checkpoints."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint path {p} does not exist")
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
-        from pretrain.hf_interop import load_hf_checkpoint
+    from pretrain.checkpoint import load_model
 
-        model, tokenizer = load_hf_checkpoint(p, device=device)
-    else:
-        from pretrain.checkpoint import load_model
-
-        model, tokenizer = load_model(p, device=device)
-    return model.eval(), tokenizer
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    return load_model(path, device=device)   # in eval mode
 
 
 def best_from_eval(checkpoint: str) -> dict:

@@ -51,9 +51,10 @@ def expected_tokens_per_layer(acceptance: float, draft_len: int, exit_layer: int
     return expected_tokens_per_round(acceptance, draft_len) / (draft_len * exit_layer + num_layers)
 
 
-def best_draft_config(acceptance_by_exit: dict[int, float], num_layers: int, max_draft_len: int = 16
-                      ) -> tuple[int, int, float]:
-    """(E, γ, speedup) maximising expected_speedup over exits E < L and γ in 1..max_draft_len.
+def best_draft_config(acceptance_by_exit: dict[int, float], num_layers: int, max_draft_len: int = 16,
+                      costs: DecodeCosts | None = None) -> tuple[int, int, float]:
+    """(E, γ, speedup) maximising expected_speedup (or, given costs, expected_speedup_with_costs)
+    over exits E < L and γ in 1..max_draft_len.
 
     Exits >= L are ignored (drafting with the full model gains nothing); ties go to the smaller
     E, then the smaller γ (cheaper rounds, less wasted work on rejection)."""
@@ -64,7 +65,8 @@ def best_draft_config(acceptance_by_exit: dict[int, float], num_layers: int, max
         if exit_layer >= num_layers:
             continue
         for gamma in range(1, max_draft_len + 1):
-            s = expected_speedup(alpha, gamma, exit_layer, num_layers)
+            s = (expected_speedup(alpha, gamma, exit_layer, num_layers) if costs is None
+                 else expected_speedup_with_costs(alpha, gamma, exit_layer, num_layers, costs))
             if best is None or s > best[2]:
                 best = (exit_layer, gamma, s)
     if best is None:

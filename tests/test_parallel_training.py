@@ -56,14 +56,12 @@ def runs(tmp_path_factory):
     out = {"tmp": tmp, "data": data}
     reference = train(run_config(data, tmp / "single", "train.peak_flops=1e12"))["losses"]
     out["single"] = {str(k): v for k, v in reference.items()}
-    two = torchrun(2, "train_entry.py", [str(tmp / "two.json"),
-                   job("dp2", data, tmp / "dp2", "parallel.dp_shard=2"),
+    two = torchrun(2, "train_entry.py", [job("dp2", data, tmp / "dp2", "parallel.dp_shard=2"),
                    job("tp2", data, tmp / "tp2", "parallel.tp=2"),
                    job("pp2", data, tmp / "pp2", "parallel.pp=2", "parallel.pp_schedule=1F1B"),
                    job("dp2_part", data, tmp / "reshard_dp", "parallel.dp_shard=2", "train.stop_at_step=2")])
-    four = torchrun(4, "train_entry.py", [str(tmp / "four.json"),
-                    job("tp2pp2_part", data, tmp / "reshard_tppp", "parallel.pp=2", "parallel.tp=2",
-                        "train.stop_at_step=3"),
+    four = torchrun(4, "train_entry.py", [job("tp2pp2_part", data, tmp / "reshard_tppp", "parallel.pp=2",
+                                              "parallel.tp=2", "train.stop_at_step=3"),
                     job("dp4_part", data, tmp / "reshard_dp", "parallel.dp_shard=4", "train.stop_at_step=4")],
                     timeout=300)
     out.update({r["job"]: r["losses"] for r in two + four})

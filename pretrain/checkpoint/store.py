@@ -28,7 +28,8 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -113,15 +114,15 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | list[torc
     stages held by this rank)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if process_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     state, _ = _collect(_as_list(model), _as_list(optimizer))
     dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{_rank()}.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{process_rank()}.pt")
     _barrier()
-    if _rank() == 0:
+    if process_rank() == 0:
         (tmp / "config.yaml").write_text(config_yaml)
         _write_json_atomic(tmp / TRAINER_STATE, {"step": step, **trainer_state})
         if final.exists():  # re-saving the same step: replace only once the new one is complete
@@ -150,7 +151,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module | list[torch.nn.Module], 
                        model_state_dict={k: state["model"][k] for k in model_keys},
                        optim_state_dict=_rename(optim_sd, getattr(part, "checkpoint_aliases", {}), reverse=True),
                        options=StateDictOptions(strict=True, flatten_optimizer_state_dict=True))
-    rng_file = path / f"rng_rank{_rank()}.pt"
+    rng_file = path / f"rng_rank{process_rank()}.pt"
     if rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
     return json.loads((path / TRAINER_STATE).read_text())

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schedules.speedup import DecodeCosts, expected_speedup_with_costs
+from schedules.speedup import DecodeCosts, best_draft_config
 
 
 @dataclass
@@ -71,15 +71,8 @@ class DynamicExit:
     def choose(self) -> tuple[int, int]:
         """Set and return (E, γ) maximising the expected speedup over the measured exits (with the
         layer-count costs: the expected tokens per layer, times L)."""
-        best = None
-        for exit_layer in sorted(self.count):
-            alpha = self.acceptance(exit_layer)
-            if alpha is None:
-                continue
-            for gamma in range(1, self.max_draft_len + 1):
-                value = expected_speedup_with_costs(alpha, gamma, exit_layer, self.num_layers, self.costs)
-                if best is None or value > best[0]:
-                    best = (value, exit_layer, gamma)
-        if best is not None:
-            self.exit_layer, self.draft_len = best[1], best[2]
+        measured = {e: a for e in self.count if (a := self.acceptance(e)) is not None}
+        if measured:
+            self.exit_layer, self.draft_len, _ = best_draft_config(measured, self.num_layers, self.max_draft_len,
+                                                                   self.costs)
         return self.exit_layer, self.draft_len

@@ -61,11 +61,6 @@ class StaticKVCache:
         """[B, T] positions (= slots) the next `new_tokens` tokens of each row take at `layer`."""
         return self.lengths[layer][:, None] + self._slots[:new_tokens]
 
-    def max_length(self, layer: int) -> int:
-        """Largest row length at `layer`, known on the host."""
-        generation, written = self._state[layer]
-        return self._max_at_crop[generation] + written
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append k, v [B, Hkv, T, Dh]; return slots [0, width) of the layer and the bool mask

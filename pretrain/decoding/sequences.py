@@ -8,7 +8,7 @@ import torch
 class Sequences:
     """Row b holds `length[b]` committed tokens in tokens[b, :length[b]]. The last committed token of
     a row has not been through the model yet: its position length-1 is the next one to run, and
-    every layer's KV cache holds exactly length-1 slots of the row between rounds."""
+    every layer's KV cache holds exactly length-1 slots of an unfinished row between rounds."""
 
     def __init__(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None, spare: int,
                  device: torch.device | str):

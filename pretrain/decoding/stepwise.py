@@ -29,11 +29,12 @@ def prefill(runner: BlockRunner, seqs: Sequences, stop: int, sampling: SamplingC
 def decode_stepwise(runner: BlockRunner, seqs: Sequences, stop: int, sampling: SamplingConfig,
                     generator: torch.Generator | None) -> None:
     """One token per forward through blocks [0, stop) until every row is finished
-    (stop = L: autoregressive; stop = E < L: early exit)."""
+    (stop = L: autoregressive; stop = E < L: early exit). Nothing is ever rejected, so the cache
+    needs no crop: an unfinished row's KV grows by the token it commits; a finished row's keeps
+    growing by the ignored tokens it rides along with, within the slots its max_new_tokens left."""
     while not seqs.all_finished():
         rows = int(seqs.active.sum())
         h, _ = runner.blocks(runner.embed(seqs.last_tokens()[:, None]), 0, stop, rows)
         token, _ = choose(runner.head(h, rows)[:, 0], sampling, generator)
         runner.stats.rounds += rows
         runner.stats.generated += seqs.commit(token[:, None], torch.ones_like(token))
-        runner.crop_to_committed(seqs.length, stop)

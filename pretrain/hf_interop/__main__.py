@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pretrain.hf_interop.io import load_hf_checkpoint, save_hf_checkpoint
+from pretrain.hf_interop.io import copy_tokenizer_files, load_hf_checkpoint, save_hf_checkpoint
 from pretrain.model import LayerSkipTransformer
-
-# path -> (model, tokenizer.json path or None)
-ModelLoader = Callable[[str], tuple[LayerSkipTransformer, "str | None"]]
-# (model, tokenizer.json path or None, source path, output run directory) -> checkpoint path
-RunWriter = Callable[[LayerSkipTransformer, "str | None", str, str], Path]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hf_special_ids(hf_dir: Path) -> tuple[int | None, int | list[int] | None, str | None]:
-    """(bos, eos, dtype name) of an HF directory: generation_config.json first, then config.json."""
+    """(bos, eos, dtype name) of an HF directory; generation_config.json's ids take precedence
+    over config.json's."""
     bos = eos = dtype = None
     for name in ("config.json", "generation_config.json"):  # the later file wins
         f = hf_dir / name
@@ -90,25 +84,19 @@ def _tokenizer_ids(tokenizer: str | None) -> tuple[int | None, int | None]:
         return None, None
 
 
-def default_checkpoint_loader(path: str) -> tuple[LayerSkipTransformer, str | None]:
-    """Our run directory / checkpoint, or an HF directory (pretrain.checkpoint.inference)."""
-    from pretrain.checkpoint.inference import load_model
-
-    return load_model(path)
-
-
-def export_cli(args: argparse.Namespace, load_model: ModelLoader | None = None) -> int:
-    """`export`: load the source with `load_model` (default: load_hf_checkpoint for --hf-in,
-    default_checkpoint_loader for --checkpoint) and write an HF directory at args.out."""
+def export_cli(args: argparse.Namespace) -> int:
+    """`export`: load the source (an HF directory for --hf-in; for --checkpoint our run, checkpoint
+    or an HF directory, see pretrain.checkpoint.inference.load_model) and write an HF directory at
+    args.out."""
     if args.hf_in:
         source = args.hf_in
+        model, tokenizer = load_hf_checkpoint(source)
         bos, eos, src_dtype = _hf_special_ids(Path(source))
-        load = load_model or (lambda p: load_hf_checkpoint(p))
-        model, tokenizer = load(source)
     else:
+        from pretrain.checkpoint.inference import load_model
+
         source = args.checkpoint
-        load = load_model or default_checkpoint_loader
-        model, tokenizer = load(source)
+        model, tokenizer = load_model(source)
         src_dtype = None
         bos, eos = _tokenizer_ids(tokenizer)
     dtype = DTYPES.get(args.dtype or src_dtype or "float32", torch.float32)
@@ -133,19 +121,15 @@ def write_run(model: LayerSkipTransformer, tokenizer: str | None, source: str, o
     cfg = RunConfig(model=model.cfg, name=Path(out).name, run_dir=out)
     Path(out).mkdir(parents=True, exist_ok=True)
     if tokenizer:
-        shutil.copyfile(tokenizer, Path(out) / "tokenizer.json")
-        side = Path(tokenizer).with_name("tokenizer_config.json")
-        if side.is_file():  # names the eos token (pretrain.data.tokenizer reads it)
-            shutil.copyfile(side, Path(out) / "tokenizer_config.json")
+        copy_tokenizer_files(tokenizer, Path(out))  # tokenizer_config.json names the eos token
     return save_checkpoint(Path(out), 0, model, None, {"data": None, "source": str(source)},
                            OmegaConf.to_yaml(OmegaConf.structured(cfg)), keep=1)
 
 
-def import_cli(args: argparse.Namespace, load_model: ModelLoader | None = None,
-               write: RunWriter | None = None) -> int:
+def import_cli(args: argparse.Namespace) -> int:
     """`import`: HF directory args.hf -> our run directory args.out (checkpoint step 0)."""
-    model, tokenizer = (load_model or (lambda p: load_hf_checkpoint(p)))(args.hf)
-    path = (write or write_run)(model, tokenizer, args.hf, args.out)
+    model, tokenizer = load_hf_checkpoint(args.hf)
+    path = write_run(model, tokenizer, args.hf, args.out)
     print(json.dumps({"checkpoint": str(path)}))
     return 0
 

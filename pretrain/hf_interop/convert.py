@@ -226,26 +226,3 @@ def expected_parameter_names(cfg: ModelConfig) -> list[str]:
     if not cfg.tie_embeddings:
         names.append("output.weight")
     return names
-
-
-def state_dict_to_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF names. With tied embeddings no lm_head.weight is written (HF ties it)."""
-    return {to_hf_name(k): v for k, v in state.items() if not (tied and k == "output.weight")}
-
-
-def state_dict_from_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """HF tensors -> our names. With tied embeddings lm_head.weight, if present, is dropped (the
-    output projection is the embedding). Unknown names raise ValueError listing all of them."""
-    ours, unknown = {}, []
-    for name, tensor in state.items():
-        try:
-            mapped = from_hf_name(name)
-        except KeyError:
-            unknown.append(name)
-            continue
-        if mapped is None or (tied and mapped == "output.weight"):
-            continue
-        ours[mapped] = tensor
-    if unknown:
-        raise ValueError(f"tensors that are not Llama parameters of this model: {', '.join(sorted(unknown))}")
-    return ours

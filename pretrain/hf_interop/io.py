@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from pretrain.hf_interop.convert import (expected_parameter_names, from_hf_name, hf_config_from_model_config,
                                          model_config_from_hf, to_hf_name)
-from pretrain.checkpoint.store import fsync_path
+from pretrain.checkpoint.store import fsync_path, process_rank
 from pretrain.model import LayerSkipTransformer
 
 try:
@@ -134,11 +134,9 @@ def load_hf_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32,
     model.load_state_dict(loaded, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    # RoPE tables are non-persistent buffers: still on meta; compute them on the target device.
-    model.rope_cos = torch.empty(model.rope_cos.shape, device=device)
-    model.rope_sin = torch.empty(model.rope_sin.shape, device=device)
-    model.init_rope_buffers()
-    model.rope_cos, model.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)  # as model.to(dtype)
+    # RoPE tables are non-persistent buffers, still on meta: computed on the target device, in the
+    # model's dtype as model.to(dtype) would have cast them.
+    model.init_rope_buffers(device=device, dtype=dtype)
     tokenizer = path / "tokenizer.json"
     return model, (str(tokenizer) if tokenizer.is_file() else None)
 
@@ -147,7 +145,9 @@ def load_hf_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32,
 # saving
 
 
-def _canonical_name(name: str) -> str:
+def canonical_parameter_name(name: str) -> str:
+    """A parameter name without the levels module wrappers insert (activation checkpointing,
+    torch.compile): the name in the plain model."""
     for segment in _WRAPPER_SEGMENTS:
         name = name.replace(segment, "")
     return name
@@ -157,23 +157,19 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _gather(model: torch.nn.Module, dtype: torch.dtype | None
             ) -> tuple[dict[str, torch.Tensor], bool, torch.device | None]:
     """(HF-named full CPU tensors — on rank 0 only, empty elsewhere —, whether any parameter was a
     DTensor, the device of the sharded tensors). DTensors are gathered with full_tensor(), a
     collective, in the same order on every rank."""
     cfg = model.cfg
-    state = {_canonical_name(k): v for k, v in model.state_dict().items()}
+    state = {canonical_parameter_name(k): v for k, v in model.state_dict().items()}
     wanted = expected_parameter_names(cfg)
     missing = [n for n in wanted if n not in state]
     if missing:
         raise ValueError(f"the model lacks parameters {_name_list(missing)} (a pipeline stage holds only "
                          "some blocks: consolidate the model first, e.g. parallel.consolidate.export_hf)")
-    keep = _rank() == 0
+    keep = process_rank() == 0
     sharded = any(_is_dtensor(state[n]) for n in wanted)
     mesh_device = None
     out: dict[str, torch.Tensor] = {}
@@ -209,7 +205,7 @@ def save_hf_checkpoint(model: LayerSkipTransformer, out_dir: str | Path, *, toke
     out_dir = Path(out_dir)
     model = getattr(model, "_orig_mod", model)  # torch.compile'd whole model
     tensors, sharded, mesh_device = _gather(model, dtype)
-    if _rank() != 0:
+    if process_rank() != 0:
         if sharded:
             _sync_outcome(None, mesh_device)
         return out_dir
@@ -236,7 +232,7 @@ def _sync_outcome(error: BaseException | None, device: torch.device | None) -> N
         device = torch.device("cpu")
     flag = torch.tensor([0 if error is None else 1], device=device)
     dist.broadcast(flag, src=0)
-    if _rank() != 0 and int(flag.item()):
+    if process_rank() != 0 and int(flag.item()):
         raise RuntimeError("rank 0 failed to write the Hugging Face checkpoint (see its error)")
 
 
@@ -306,16 +302,24 @@ def _write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: 
     return written
 
 
-def _write_tokenizer(tokenizer_file: Path, out: Path, max_len: int, bos_token_id: int | None,
-                     eos_token_id: int | list[int] | None) -> list[Path]:
-    """tokenizer.json, plus the tokenizer_config.json / special_tokens_map.json found next to it;
-    without a tokenizer_config.json, a minimal one naming the bos/eos tokens so that
-    transformers' AutoTokenizer knows them."""
+def copy_tokenizer_files(tokenizer_file: str | Path, out: Path) -> list[Path]:
+    """tokenizer.json and the tokenizer_config.json / special_tokens_map.json next to it (the
+    config names the eos token) copied into `out`."""
+    tokenizer_file = Path(tokenizer_file)
     written = [Path(shutil.copyfile(tokenizer_file, out / "tokenizer.json"))]
     for side in _TOKENIZER_SIDE_FILES:
         src = tokenizer_file.with_name(side)
         if src.is_file():
             written.append(Path(shutil.copyfile(src, out / side)))
+    return written
+
+
+def _write_tokenizer(tokenizer_file: Path, out: Path, max_len: int, bos_token_id: int | None,
+                     eos_token_id: int | list[int] | None) -> list[Path]:
+    """tokenizer.json, plus the tokenizer_config.json / special_tokens_map.json found next to it;
+    without a tokenizer_config.json, a minimal one naming the bos/eos tokens so that
+    transformers' AutoTokenizer knows them."""
+    written = copy_tokenizer_files(tokenizer_file, out)
     if (out / "tokenizer_config.json").exists():
         return written
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}

@@ -17,10 +17,13 @@ IGNORE_INDEX = -100
 
 def exit_cross_entropy_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                            targets: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of CE(head(hidden), targets), in float32."""
+    """sum over tokens of CE(head(hidden), targets), in float32. With vocabulary-sharded logits
+    (tensor parallel's loss_parallel) the sum is a DTensor replicated over the ranks: its local
+    value, differentiable, is returned."""
     logits = head(hidden)
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
-                           reduction="sum", ignore_index=IGNORE_INDEX)
+    ce_sum = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                             reduction="sum", ignore_index=IGNORE_INDEX)
+    return ce_sum.to_local() if hasattr(ce_sum, "to_local") else ce_sum
 
 
 def early_exit_loss(head: Callable[[torch.Tensor], torch.Tensor], hiddens: dict[int, torch.Tensor],

@@ -54,12 +54,15 @@ class LayerSkipTransformer(nn.Module):
                 nn.init.normal_(p, std=std)
 
     @torch.no_grad()
-    def init_rope_buffers(self) -> None:
-        """Recompute RoPE tables (after materialising a meta-device model)."""
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                               device=self.rope_cos.device, scaling=self._rope_scaling())
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(rotate_half_signed(sin))
+    def init_rope_buffers(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Recompute the RoPE tables on `device` in `dtype` (default: where and what they are now):
+        a model materialised from the meta device has none yet."""
+        device = self.rope_cos.device if device is None else device
+        dtype = self.rope_cos.dtype if dtype is None else dtype
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device,
+                               scaling=self._rope_scaling())
+        self.rope_cos = cos.to(dtype)
+        self.rope_sin = rotate_half_signed(sin).to(dtype)
 
     def _rope_scaling(self) -> dict | None:
         c = self.cfg

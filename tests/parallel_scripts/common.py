@@ -3,7 +3,6 @@ a single-process reference run, and comparisons."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -90,6 +89,3 @@ def report(payload: dict) -> None:
     """One JSON line the pytest side parses."""
     print("RESULT " + json.dumps(payload), flush=True)
 
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))

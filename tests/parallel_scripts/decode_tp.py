@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from common import report
 from pretrain.decoding import DecodeOptions, generate
 from pretrain.model import LayerSkipTransformer, ModelConfig
-from parallel.mesh import init_process_group
+from parallel.mesh import init_process_group, teardown_parallel
 from parallel.tensor_parallel import apply_tensor_parallel_for_decoding
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12], [40, 41, 42, 43]]
@@ -67,8 +67,7 @@ def main() -> None:
                                                                                  expected_stats.rejections),
                         "rejections": stats.rejections, "sharded_rows": local_rows,
                         "full_rows": single.layers["0"].attention.wq.weight.shape[0]})
-    dist.barrier()  # no rank leaves while a peer's last collective is in flight
-    dist.destroy_process_group()
+    teardown_parallel()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from parallel.consolidate import export_hf, full_state_dict
 from parallel.engine import ParallelTrainer
 from parallel.grad_sync import check_replicas_identical
 from parallel.layout import check_layout
-from parallel.mesh import ParallelContext, build_mesh, init_process_group
+from parallel.mesh import ParallelContext, build_mesh, init_process_group, teardown_parallel
 
 CFG_KEYS = {"tie": ("tie", lambda v: bool(int(v))), "p_max": ("p_max", float),
             "global_batch": ("global_batch", int), "micro_batch": ("micro_batch", int), "steps": ("steps", int),
@@ -105,9 +105,7 @@ def main(specs: list[str]) -> None:
         out = run_layout(spec, references)
         if dist.get_rank() == 0:
             report(out)
-        dist.barrier()
-    dist.barrier()  # no rank leaves while a peer's last collective is in flight
-    dist.destroy_process_group()
+    teardown_parallel()  # behind a barrier
 
 
 if __name__ == "__main__":
