@@ -36,7 +36,7 @@ bench: setup
 	$(MAKE) bench-decoding
 
 # Decoding needs a model whose middle exits agree with the last most of the time: the demo
-# model trained for 1500 steps (about 15 minutes on 2 cores), then the benchmark.
+# model trained for 1500 steps (16-18 minutes on 2 cores), then the benchmark.
 bench-decoding: demo-data
 	$(PY) -m pretrain.train preset=demo name=bench_decode checkpoint.resume=auto train.steps=1500 \
 		optim.warmup_steps=60 logging.progress_bar=false logging.every=100 logging.wandb.mode=disabled \
