@@ -69,6 +69,7 @@ class ParallelTrainer:
                 apply_fsdp(part, ctx.dp_mesh, reshard_after_forward=self.layout.pp == 1)
                 part.dummy_row_for_empty = True
         self.optimizer = OptimizerParts([build_optimizer(cfg, part, device) for part in self.parts])
+        self.apply_update = lambda loss, grad_norm: True  # hook: False skips the optimizer step
         self.schedule = None
         if self.layout.pp > 1:
             local_batch = cfg.train.global_batch_size // self.layout.dp
@@ -120,9 +121,13 @@ class ParallelTrainer:
                 reduce_exit_head_grads(self.parts, ctx.pp_group)
                 reduce_tied_embedding_grads(self.parts, ctx.pp_group)
         grad_norm = clip_grad_norm_global(self.parts, cfg.optim.grad_clip, ctx.pp_group)
-        self.optimizer.step()
+        # the global loss first (same collectives on every rank), so apply_update sees global values
+        result = self._result(plan, step_tokens, grad_norm, global_rows=cfg.train.global_batch_size)
+        result.skipped = not self.apply_update(result.loss, grad_norm)
+        if not result.skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._result(plan, step_tokens, grad_norm, global_rows=cfg.train.global_batch_size)
+        return result
 
     def _result(self, plan: StepPlan, step_tokens: int, grad_norm: float, global_rows: int) -> StepResult:
         """Per-exit losses and block-rows run, summed over stages (pp) and data-parallel ranks;

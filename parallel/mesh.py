@@ -131,7 +131,7 @@ def setup_parallel(cfg: RunConfig, world_size: int | None = None) -> tuple[Paral
     if world_size == 1:
         return ParallelContext(layout=layout, device=device), False
     created = not dist.is_initialized()
-    init_process_group(device)
+    init_process_group(device, cfg.train.collective_timeout_s)
     return ParallelContext(layout=layout, device=device, mesh=build_mesh(layout, device)), created
 
 

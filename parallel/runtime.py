@@ -27,6 +27,10 @@ class SingleProcessTrainer:
         self.cfg = cfg
         self.model = parallelize(model, cfg)
         self.optimizer = build_optimizer(cfg, self.model, device)
+        self.apply_update = lambda loss, grad_norm: True  # hook: False skips the optimizer step
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        return list(values)
 
     @property
     def model_parts(self) -> list[nn.Module]:
@@ -41,7 +45,7 @@ class SingleProcessTrainer:
         return train_step(self.model, self.optimizer, plan, batch, micro_batch_size=cfg.train.micro_batch_size,
                           step_tokens=count_step_tokens(batch), dtype=cfg.train.dtype,
                           checkpoint_heads=cfg.layerskip.early_exit.checkpoint_heads,
-                          grad_clip=cfg.optim.grad_clip)
+                          grad_clip=cfg.optim.grad_clip, apply_update=self.apply_update)
 
     def evaluation_model(self) -> nn.Module | None:
         return self.model
@@ -67,6 +71,12 @@ class DistributedTrainer(ParallelTrainer):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise max over every rank (one collective)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
 
 
 def build_trainer(cfg: RunConfig, ctx: ParallelContext, model: LayerSkipTransformer):

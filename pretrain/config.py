@@ -79,6 +79,13 @@ class TrainConfig:
     compile: bool = False
     stop_at_step: Optional[int] = None  # end this invocation early (checkpoint, then exit), e.g. a job time limit
     peak_flops: float = 0.0       # peak FLOP/s of ONE device at train.dtype, for MFU; 0 = MFU not reported
+    # operations (pretrain/operations/): time budget, hangs, non-finite steps
+    time_limit_s: float = 0.0     # leave with a checkpoint (exit 75) before this many seconds; 0 = none
+    collective_timeout_s: float = 600.0  # process-group timeout of every collective
+    watchdog_factor: float = 10.0  # a step over max(factor x median step, watchdog_min_s) is a hang (exit 76); 0 = off
+    watchdog_min_s: float = 60.0
+    nonfinite_policy: str = "skip"  # skip | rollback | stop (pretrain/operations/nonfinite.py)
+    nonfinite_max_consecutive: int = 10  # non-finite steps in a row before stop / rollback
 
 
 @dataclass
@@ -98,6 +105,10 @@ class CheckpointConfig:
     keep: int = 2                 # newest checkpoints kept
     resume: str = "auto"          # auto (latest in run_dir), none, or a checkpoint path
     init_from: Optional[str] = None  # weights to start from (our checkpoint or HF Llama dir)
+    every_minutes: float = 30.0   # also checkpoint when this much wall time passed since the last; 0 = off
+    async_save: bool = True       # write checkpoints in the background while training continues
+    dir: Optional[str] = None     # where checkpoints go (e.g. shared storage); run_dir/checkpoints links to it
+    overwrite: bool = False       # with resume=none: delete the run directory's checkpoints and start over
 
 
 @dataclass
@@ -212,6 +223,25 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     _require(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "must be >= 0")
+    validate_operations(cfg)
     for key in ("dp_replicate", "dp_shard", "tp", "pp", "virtual_stages"):
         value = getattr(cfg.parallel, key)
         _require(value >= 1, f"parallel.{key}", value, "must be >= 1")
+
+
+def validate_operations(cfg: RunConfig) -> None:
+    """The operations keys (time budget, watchdog, non-finite guard, checkpoint policy)."""
+    tr, ck = cfg.train, cfg.checkpoint
+    _require(tr.time_limit_s >= 0, "train.time_limit_s", tr.time_limit_s, "must be >= 0 (0 = no limit)")
+    _require(tr.collective_timeout_s > 0, "train.collective_timeout_s", tr.collective_timeout_s, "must be positive")
+    _require(tr.watchdog_factor == 0 or tr.watchdog_factor >= 1, "train.watchdog_factor", tr.watchdog_factor,
+             "must be >= 1 (or 0 = no watchdog)")
+    _require(tr.watchdog_min_s > 0, "train.watchdog_min_s", tr.watchdog_min_s, "must be positive")
+    _require(tr.watchdog_factor == 0 or tr.watchdog_min_s < tr.collective_timeout_s, "train.watchdog_min_s",
+             tr.watchdog_min_s, f"must be below train.collective_timeout_s={tr.collective_timeout_s} "
+             "(the watchdog must fire before the process-group timeout)")
+    _one_of("train.nonfinite_policy", tr.nonfinite_policy, ("skip", "rollback", "stop"))
+    _require(tr.nonfinite_max_consecutive >= 1, "train.nonfinite_max_consecutive", tr.nonfinite_max_consecutive,
+             "must be >= 1")
+    _require(ck.every_minutes >= 0, "checkpoint.every_minutes", ck.every_minutes, "must be >= 0 (0 = off)")
+    _require(ck.dir is None or ck.dir.strip() != "", "checkpoint.dir", ck.dir, "must be a path (or null)")

@@ -43,7 +43,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in the run directory, oldest first."""
+    """Complete checkpoints in the run directory, oldest first (renamed into place; whether they
+    load is pretrain.checkpoint.fallback's question)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -109,30 +110,41 @@ def _collect(models: list, optimizers: list) -> tuple[dict, list[tuple[list[str]
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | list[torch.nn.Module], optimizer, trainer_state: dict[str, Any],
                     config_yaml: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically (all ranks call this) and prune to the newest `keep`.
-    `model` / `optimizer`: one module and optimizer, or lists (one per model part, e.g. pipeline
-    stages held by this rank)."""
-    final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if process_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state, _ = _collect(_as_list(model), _as_list(optimizer))
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{process_rank()}.pt")
-    _barrier()
-    if process_rank() == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        _write_json_atomic(tmp / TRAINER_STATE, {"step": step, **trainer_state})
-        if final.exists():  # re-saving the same step: replace only once the new one is complete
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(final.parent)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
+    """Write checkpoint `step` atomically and synchronously (all ranks call this) and prune to the
+    newest `keep`. `model` / `optimizer`: one module and optimizer, or lists (one per model part,
+    e.g. pipeline stages held by this rank). See pretrain.checkpoint.writer for the asynchronous
+    writer the training loop uses."""
+    from pretrain.checkpoint.writer import CheckpointWriter
+
+    writer = CheckpointWriter(async_save=False)
+    try:
+        return writer.save(run_dir, step, _as_list(model), _as_list(optimizer), trainer_state, config_yaml, keep)
+    finally:
+        writer.close()
+
+
+def write_rng_state(directory: Path) -> None:
+    torch.save({"torch": torch.get_rng_state()}, Path(directory) / f"rng_rank{process_rank()}.pt")
+
+
+def finalize_checkpoint(tmp: Path, final: Path, run_dir: Path, step: int, trainer_state: dict[str, Any],
+                        config_yaml: str, keep: int) -> None:
+    """Rank 0, once every rank's files are in `tmp`: config, trainer state, checksums, then the
+    rename into place, then pruning (so the previous checkpoint is removed only after this one is
+    complete)."""
+    from pretrain.checkpoint.checksums import write_checksums
+
+    (tmp / "config.yaml").write_text(config_yaml)
+    _write_json_atomic(tmp / TRAINER_STATE, {"step": step, **trainer_state})
+    write_checksums(tmp)
+    fsync_path(tmp)
+    if final.exists():  # re-saving the same step: replace only once the new one is complete
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module | list[torch.nn.Module], optimizer) -> dict[str, Any]:
@@ -151,10 +163,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module | list[torch.nn.Module], 
                        model_state_dict={k: state["model"][k] for k in model_keys},
                        optim_state_dict=_rename(optim_sd, getattr(part, "checkpoint_aliases", {}), reverse=True),
                        options=StateDictOptions(strict=True, flatten_optimizer_state_dict=True))
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
     rng_file = path / f"rng_rank{process_rank()}.pt"
     if rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
-    return json.loads((path / TRAINER_STATE).read_text())
+    return trainer_state
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:

@@ -2,6 +2,10 @@
 
 Only rank 0 logs. wandb is offline unless an API key is configured (mode 'auto'), so runs never
 need the network; `wandb sync` uploads an offline run later.
+
+Resuming at step S keeps metrics.jsonl to the records of steps < S (rewritten atomically; a line a
+full disk cut short is dropped), so each step appears once however often the run was resumed, and
+continues the same W&B run: its id is kept in <run_dir>/wandb_run_id from the first invocation on.
 """
 from __future__ import annotations
 
@@ -37,6 +41,40 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename (never a half-written file)."""
+    tmp = Path(path).with_name(Path(path).name + f".{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: Path, start_step: int) -> int:
+    """Keep the records of steps < start_step (and no unparseable line); returns how many were
+    dropped. Atomic: a crash leaves the old or the new file."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", -1)) < start_step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(l + "\n" for l in kept))
+    return dropped
+
+
+RUN_ID_FILE = "wandb_run_id"
+
+
 def wandb_mode(mode: str) -> str:
     if mode != "auto":
         return mode
@@ -55,8 +93,12 @@ class MetricsLogger:
         self.run_id = run_id
         if not enabled:
             return
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         mode = wandb_mode(cfg.wandb.mode)
+        id_file = run_dir / RUN_ID_FILE
+        if run_id is None and start_step > 0 and id_file.is_file():
+            run_id = id_file.read_text().strip() or None
         if mode != "disabled":
             import wandb
 
@@ -65,6 +107,8 @@ class MetricsLogger:
                 tags=list(cfg.wandb.tags), config=run_config, dir=str(run_dir), mode=mode,
                 id=run_id, resume="allow", settings=wandb.Settings(silent=True))
             self.run_id = self.wandb_run.id
+            if not id_file.is_file() or id_file.read_text().strip() != self.run_id:
+                write_text_atomic(id_file, self.run_id + "\n")
             where = self.wandb_run.url if mode == "online" else f"{self.wandb_run.dir} (offline; `wandb sync` uploads it)"
             print(f"wandb run {self.run_id}: {where}", flush=True)
         if cfg.progress_bar:

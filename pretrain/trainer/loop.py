@@ -1,6 +1,7 @@
 """The training loop: plan the step, run it, log, evaluate, checkpoint; resumable exactly."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.store import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.checkpoint.store import load_checkpoint
+from pretrain.checkpoint.writer import CheckpointWriter
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import TrainBatches
@@ -19,7 +21,9 @@ from pretrain.evaluation.early_exit_eval import format_eval_table
 from pretrain.evaluation.run import evaluate
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
-from pretrain.metrics.logger import MetricsLogger
+from pretrain.metrics.logger import MetricsLogger, write_text_atomic
+from pretrain.operations.nonfinite import finite_tree
+from pretrain.operations.session import RunOperations
 from pretrain.trainer.build import build_model, init_model_config, set_learning_rate
 from parallel.mesh import setup_parallel, teardown_parallel
 from parallel.runtime import build_trainer
@@ -36,25 +40,16 @@ def check_data_matches(cfg: RunConfig, data: PackedDataset) -> None:
                           f"vocabulary ({data.vocab_size}) in data.dir={cfg.data.dir!r}")
 
 
-def resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return None
-    if mode == "auto":
-        return find_latest_checkpoint(run_dir)
-    path = Path(mode)
-    if not path.exists():
-        raise ConfigError(f"checkpoint.resume={mode!r}: no such checkpoint")
-    return path
-
-
 def run_evaluation(cfg: RunConfig, model, val: PackedDataset, device, logger: MetricsLogger,
                    step: int, run_dir: Path) -> dict:
     result = evaluate(model, val, device, cfg.eval)
     result["step"] = step
     logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
                 "best": result.get("best", {}), "decoding": result.get("decoding", {})}, kind="eval")
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    if finite_tree(result):  # a non-finite number never reaches eval.json
+        write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2))
+    else:
+        logger.write(f"warning: evaluation at step {step} gave non-finite values; eval.json not written")
     return result
 
 
@@ -69,7 +64,8 @@ def evaluate_on_main(cfg: RunConfig, trainer, val: PackedDataset, device, logger
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run (or resume) training; returns a summary with the per-step losses of this invocation."""
+    """Run (or resume) training; returns a summary with the per-step losses of this invocation.
+    Raises RunInterrupted (exit 75) after writing a checkpoint on a signal or at the time limit."""
     run_dir = Path(cfg.run_dir)
     cfg = dataclasses.replace(cfg, model=init_model_config(cfg))
     # Checks the parallel layout against the launched world size, then (several processes)
@@ -83,41 +79,76 @@ def train(cfg: RunConfig) -> dict:
         raise
     if created_group:
         teardown_parallel()
+    if summary.get("interrupted"):
+        raise summary["interrupted"]
     return summary
 
 
 def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:
     device = ctx.device
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    if ctx.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-
     train_data = PackedDataset(cfg.data.dir, "train")
     val_data = PackedDataset(cfg.data.dir, "val")
     check_data_matches(cfg, train_data)
-    tokenizer = Path(cfg.data.dir) / "tokenizer.json"
-    if tokenizer.is_file() and ctx.is_main:
-        shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
 
     trainer = build_trainer(cfg, ctx, build_model(cfg, device))
     batches = TrainBatches(train_data, cfg.train.global_batch_size, cfg.train.seed, dp_rank=ctx.dp_rank,
                            dp_size=ctx.dp_size, prefetch=2 if cfg.data.prefetch else 0)
+    # ---- operations: lock + run-directory checks before anything in it is written
+    ops = RunOperations(cfg, run_dir, ctx.rank, ctx.layout.world_size, trainer.all_reduce_max,
+                        report=lambda line: print(line, flush=True) if ctx.is_main else None)
+    ops.open()
+    try:
+        return _train_locked(cfg, ctx, run_dir, ops, trainer, batches, val_data, config_yaml)
+    finally:
+        ops.close()
+
+
+def _train_locked(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batches, val_data,
+                  config_yaml: str) -> dict:
+    device = ctx.device
+    load = lambda path: load_checkpoint(path, trainer.model_parts, trainer.optimizer_parts)  # noqa: E731
+    ckpt, state = ops.resume(load)
     start_step, run_id = 0, None
-    ckpt = resume_point(cfg, run_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, trainer.model_parts, trainer.optimizer_parts)
         batches.load_state_dict(state["data"])
         start_step, run_id = state["step"], state.get("wandb_run_id")
+    if ctx.is_main:  # every check passed: now the run directory is written
+        write_text_atomic(run_dir / "config.yaml", config_yaml)
+        tokenizer = Path(cfg.data.dir) / "tokenizer.json"
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
 
     logger = MetricsLogger(run_dir, cfg.logging, enabled=ctx.is_main,
                            run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                            total_steps=cfg.train.steps, start_step=start_step, run_id=run_id)
     if ckpt is not None:
         logger.write(f"resumed from {ckpt} at step {start_step}")
+    writer = CheckpointWriter(async_save=cfg.checkpoint.async_save)
+    trainer.apply_update = ops.guard
+    ops.start(writer)
+    try:
+        return _loop(cfg, ctx, run_dir, ops, trainer, batches, val_data, config_yaml, logger, writer,
+                     load, start_step)
+    except BaseException:
+        with contextlib.suppress(BaseException):  # let a save in flight (finite weights) complete
+            writer.close()
+        raise
+
+
+def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batches, val_data, config_yaml: str,
+          logger: MetricsLogger, writer: CheckpointWriter, load, start_step: int) -> dict:
+    device = ctx.device
+
+    def save(done: int, blocking: bool) -> None:
+        ops.save(lambda b: writer.save(run_dir, done, trainer.model_parts, trainer.optimizer_parts,
+                                       {"data": batches.state_dict(), "wandb_run_id": logger.run_id},
+                                       config_yaml, cfg.checkpoint.keep, blocking=b),
+                 trainer.model_parts, blocking)
 
     losses: dict[int, float] = {}
     eval_result: dict = {}
+    interrupted = None
     end = cfg.train.stop_at_step or cfg.train.steps
     for part in trainer.model_parts:
         part.train()
@@ -130,6 +161,7 @@ def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:
                            decay=cfg.optim.decay)
         set_learning_rate(trainer.optimizer, lr)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        ops.before_step(step)
         started = time.perf_counter()
         result = trainer.train_step(plan, batch)
         synchronize(device)
@@ -137,7 +169,14 @@ def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:
         losses[step] = result.loss
         logger.advance(1, postfix=f"loss {result.loss:.3f}")
         done = step + 1
-        if done % cfg.logging.every == 0 or done == cfg.train.steps:
+        if result.skipped:
+            logger.log({"step": step, "skipped": True, "loss": result.loss, "grad_norm": result.grad_norm,
+                        "nonfinite_skipped": ops.guard.skipped},
+                       console=f"step {step:>6d} skipped: non-finite loss {result.loss} / grad norm "
+                               f"{result.grad_norm} ({ops.guard.skipped} skipped so far)")
+        if ops.after_step(elapsed) == "rollback":
+            ops.rollback(load, step)
+        if not result.skipped and (done % cfg.logging.every == 0 or done == cfg.train.steps):
             tokens_per_s = result.tokens / elapsed
             # FLOPs actually run: block-rows not dropped, exit heads only where on
             flops = step_flops(cfg.model, cfg.train.seq_len, result.rows_run,
@@ -155,14 +194,31 @@ def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:
                                f"lr {lr:.2e} gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}"
                                + (f" mfu {100 * util:.1f}%" if util is not None else ""))
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
-            eval_result = evaluate_on_main(cfg, trainer, val_data, device, logger, step, run_dir)
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
-            save_checkpoint(run_dir, done, trainer.model_parts, trainer.optimizer_parts,
-                            {"data": batches.state_dict(), "wandb_run_id": logger.run_id},
-                            config_yaml, cfg.checkpoint.keep)
-    if start_step < end == cfg.train.steps:
-        eval_result = evaluate_on_main(cfg, trainer, val_data, device, logger, cfg.train.steps - 1, run_dir)
+            with ops.suspended():
+                eval_result = evaluate_on_main(cfg, trainer, val_data, device, logger, step, run_dir)
+        decision = ops.boundary(done)
+        scheduled = bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
+        if scheduled or decision.save or done == end:
+            save(done, blocking=decision.stop is not None or done == end)
+        if decision.stop is not None:  # (at the last step too: the final evaluation runs on the rerun)
+            interrupted = ops.leave(done, decision.stop)
+            break
+    writer.close()
+    final_eval_pending = start_step < end == cfg.train.steps or \
+        (end == cfg.train.steps and ops.agree([float(ctx.is_main and not final_eval_done(run_dir, end))])[0] > 0)
+    if interrupted is None and final_eval_pending:
+        with ops.suspended():
+            eval_result = evaluate_on_main(cfg, trainer, val_data, device, logger, cfg.train.steps - 1, run_dir)
         if eval_result:
             logger.write(format_eval_table(eval_result))
     logger.close()
-    return {"losses": losses, "eval": eval_result, "run_dir": str(run_dir)}
+    return {"losses": losses, "eval": eval_result, "run_dir": str(run_dir), "interrupted": interrupted,
+            "nonfinite_skipped": ops.guard.skipped}
+
+
+def final_eval_done(run_dir: Path, steps: int) -> bool:
+    """eval.json holds the final evaluation (a run killed during it has none: the rerun evaluates)."""
+    try:
+        return json.loads((run_dir / "eval.json").read_text()).get("step") == steps - 1
+    except (OSError, ValueError):
+        return False

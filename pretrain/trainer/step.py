@@ -23,6 +23,7 @@ class StepResult:
     rows_run: int = 0                            # block-rows computed on this rank (work done)
     rows_total: int = 0                          # block-rows without layer dropout
     extra: dict = field(default_factory=dict)
+    skipped: bool = False                        # apply_update refused: no optimizer step
 
 
 def split_micro_batches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -70,8 +71,10 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: StepPlan,
                batch: dict[str, torch.Tensor], *, micro_batch_size: int, step_tokens: int,
-               dtype: str = "float32", checkpoint_heads: bool = False, grad_clip: float = 0.0
-               ) -> StepResult:
+               dtype: str = "float32", checkpoint_heads: bool = False, grad_clip: float = 0.0,
+               apply_update=None) -> StepResult:
+    """`apply_update(loss, grad_norm) -> bool` is asked before the optimizer step; False skips it
+    (the gradients are dropped)."""
     total = torch.zeros((), device=batch["tokens"].device)
     exit_sums: dict[int, torch.Tensor] = {}
     rows_run = 0
@@ -84,8 +87,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: S
             exit_sums[layer] = exit_sums.get(layer, 0.0) + value
     materialize_missing_grads(model)
     grad_norm = clip_gradients(model, grad_clip)
-    optimizer.step()
+    loss = float(total)
+    skipped = apply_update is not None and not apply_update(loss, grad_norm)
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=float(total), exit_losses={l: float(v) for l, v in exit_sums.items()},
+    return StepResult(loss=loss, skipped=skipped, exit_losses={l: float(v) for l, v in exit_sums.items()},
                       grad_norm=grad_norm, tokens=step_tokens, rows_run=rows_run,
                       rows_total=batch["tokens"].shape[0] * model.cfg.n_layers)
