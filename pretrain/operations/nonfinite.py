@@ -55,7 +55,7 @@ class NonFiniteGuard:
 
     def describe(self) -> str:
         loss, gnorm = self.last if self.last else (float("nan"), float("nan"))
-        return f"non-finite loss {loss} / grad norm {gnorm} at step {self.step}"
+        return f"non-finite step {self.step} (loss {loss}, grad norm {gnorm})"
 
     def action(self) -> str:
         """After a step: 'continue', 'rollback' or raises NonFiniteStop."""

@@ -172,7 +172,7 @@ def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batch
         if result.skipped:
             logger.log({"step": step, "skipped": True, "loss": result.loss, "grad_norm": result.grad_norm,
                         "nonfinite_skipped": ops.guard.skipped},
-                       console=f"step {step:>6d} skipped: non-finite loss {result.loss} / grad norm "
+                       console=f"step {step:>6d} skipped (non-finite guard): loss {result.loss}, grad norm "
                                f"{result.grad_norm} ({ops.guard.skipped} skipped so far)")
         if ops.after_step(elapsed) == "rollback":
             ops.rollback(load, step)
