@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from pretrain.checkpoint.checksums import checksum_problem
 from pretrain.checkpoint.store import TRAINER_STATE, STEP_DIR, process_rank
@@ -79,9 +80,12 @@ def load_newest_good(candidates: list[Path], start: int, load: Callable[[Path], 
     for path in candidates[start:]:
         if world_size > 1:
             return path, load(path)
+        if path != candidates[start] and (problem := checkpoint_problem(path)):
+            report(f"warning: skipping checkpoint {path}: {problem}")
+            continue
         try:
             return path, load(path)
-        except Exception as err:  # noqa: BLE001 - fall back to the next older checkpoint
-            report(f"warning: skipping checkpoint {path}: loading failed ({type(err).__name__}: "
-                   f"{str(err).splitlines()[0] if str(err) else ''})")
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - fall back to the next older one
+            lines = [l.strip() for l in str(err).splitlines() if "Error" in l] or [str(err)]
+            report(f"warning: skipping checkpoint {path}: loading failed ({type(err).__name__}: {lines[-1][:200]})")
     return None, None

@@ -44,8 +44,9 @@ def _os_error(err: BaseException) -> OSError | None:
             return e
         stack += [e.__cause__, e.__context__]
         failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            stack += [v for v in failures.values() if isinstance(v, BaseException)]
+        if isinstance(failures, dict):  # {rank: exception} or {rank: (exception, traceback)}
+            for v in failures.values():
+                stack += [x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, BaseException)]
     return None
 
 
