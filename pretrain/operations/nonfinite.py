@@ -39,13 +39,16 @@ class NonFiniteGuard:
         self.first_bad_step: int | None = None
         self.rollbacks = 0
         self.last: tuple[float, float] | None = None
+        self.clean = True             # the last step was finite (no streak or rollback since)
 
     def __call__(self, loss: float, grad_norm: float) -> bool:
         """The apply_update hook: True = take the optimizer step."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.consecutive = 0
             self.first_bad_step = None
+            self.clean = True
             return True
+        self.clean = False
         self.skipped += 1
         self.consecutive += 1
         if self.first_bad_step is None:

@@ -75,3 +75,23 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     link_checkpoint_dir(run_dir, cfg.checkpoint.dir)
     check_new_run(cfg, run_dir)
     remove_partial_saves(run_dir)
+
+
+def write_run_record(run_dir: Path, config_yaml: str, tokenizer: Path | None) -> None:
+    """After every check passed (rank 0): config.yaml, the data's tokenizer.json and Hydra's
+    command-line overrides (hydra/overrides.yaml), each replaced atomically."""
+    from pretrain.metrics.logger import write_text_atomic
+
+    write_text_atomic(Path(run_dir) / "config.yaml", config_yaml)
+    if tokenizer is not None and tokenizer.is_file():
+        write_text_atomic(Path(run_dir) / "tokenizer.json", tokenizer.read_text(encoding="utf-8"))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        if HydraConfig.initialized():
+            (Path(run_dir) / "hydra").mkdir(exist_ok=True)
+            write_text_atomic(Path(run_dir) / "hydra" / "overrides.yaml",
+                              OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+    except ImportError:
+        pass

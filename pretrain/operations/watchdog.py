@@ -114,6 +114,8 @@ class Watchdog:
             self._thread.join(timeout=5)
         with contextlib.suppress(OSError):
             self.file.unlink()
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()  # the last rank out removes the (then empty) directory
 
     # ---- the thread
     def _write(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
 from pretrain.metrics.logger import MetricsLogger, write_text_atomic
 from pretrain.operations.nonfinite import finite_tree
+from pretrain.operations.run_dir import write_run_record
 from pretrain.operations.session import RunOperations
 from pretrain.trainer.build import build_model, init_model_config, set_learning_rate
 from parallel.mesh import setup_parallel, teardown_parallel
@@ -114,10 +114,7 @@ def _train_locked(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, traine
         batches.load_state_dict(state["data"])
         start_step, run_id = state["step"], state.get("wandb_run_id")
     if ctx.is_main:  # every check passed: now the run directory is written
-        write_text_atomic(run_dir / "config.yaml", config_yaml)
-        tokenizer = Path(cfg.data.dir) / "tokenizer.json"
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
+        write_run_record(run_dir, config_yaml, Path(cfg.data.dir) / "tokenizer.json")
 
     logger = MetricsLogger(run_dir, cfg.logging, enabled=ctx.is_main,
                            run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
@@ -198,7 +195,8 @@ def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batch
                 eval_result = evaluate_on_main(cfg, trainer, val_data, device, logger, step, run_dir)
         decision = ops.boundary(done)
         scheduled = bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
-        if scheduled or decision.save or done == end:
+        # no routine checkpoint during a run of non-finite steps: the newest one stays the last good one
+        if ((scheduled or decision.save) and ops.guard.clean) or decision.stop or done == end:
             save(done, blocking=decision.stop is not None or done == end)
         if decision.stop is not None:  # (at the last step too: the final evaluation runs on the rerun)
             interrupted = ops.leave(done, decision.stop)
