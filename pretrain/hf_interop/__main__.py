@@ -7,12 +7,19 @@
 --checkpoint takes a run directory, one of its checkpoints, or an HF directory. An imported run
 holds the weights as checkpoint step 0; training can also start from the HF directory directly
 with checkpoint.init_from=/path/to/llama.
+
+Nothing is lost: --out must be new, empty or (export) an earlier export, else the command refuses
+unless --overwrite; --out never names (or contains) the input, even with --overwrite. The output
+appears atomically (written beside it, then renamed into place).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -31,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = exp.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="our run directory or checkpoint (an HF directory also works)")
     src.add_argument("--hf-in", help="an HF Llama directory (re-export: a round trip through our model)")
-    exp.add_argument("--out", required=True, help="HF directory to write (replaced atomically if it exists)")
+    exp.add_argument("--out", required=True, help="HF directory to write (an earlier export there is replaced atomically)")
+    exp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something else")
     exp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="dtype of the written weights (default: float32, or the source's for --hf-in)")
     exp.add_argument("--max-shard-size", type=int, default=None, metavar="BYTES",
@@ -39,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="HF Llama directory -> our run directory with checkpoint step 0")
     imp.add_argument("--hf", required=True, help="an HF Llama directory")
     imp.add_argument("--out", required=True, help="run directory to create")
+    imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     return ap
 
 
@@ -48,9 +57,42 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return export_cli(args)
         return import_cli(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------------------------
+# output checks (before any work)
+
+# What an export writes: a directory holding only these is an earlier export and may be replaced.
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+
+
+def _is_export(path: Path) -> bool:
+    names = {p.name for p in path.iterdir()}
+    shards = {n for n in names if n.startswith("model-") and n.endswith(".safetensors")}
+    return "config.json" in names and names - shards <= EXPORT_FILES
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a is b or lies inside b."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def check_output(out: str, source: str, overwrite: bool, *, replaceable) -> None:
+    """Refuse (FileExistsError, one line) an --out that would destroy the input or something that is
+    not ours to replace; `replaceable(path)` says what this command may replace without --overwrite."""
+    out_path, src = Path(out), Path(source)
+    if src.exists() and _inside(src, out_path):
+        raise FileExistsError(f"--out {out} would replace the input {source}; choose another --out")
+    if out_path.exists() and not out_path.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite and not replaceable(out_path):
+        raise FileExistsError(f"--out {out} is not empty and holds something else; choose another --out, "
+                              f"or pass --overwrite to replace it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +130,7 @@ def export_cli(args: argparse.Namespace) -> int:
     """`export`: load the source (an HF directory for --hf-in; for --checkpoint our run, checkpoint
     or an HF directory, see pretrain.checkpoint.inference.load_model) and write an HF directory at
     args.out."""
+    check_output(args.out, args.hf_in or args.checkpoint, args.overwrite, replaceable=_is_export)
     if args.hf_in:
         source = args.hf_in
         model, tokenizer = load_hf_checkpoint(source)
@@ -111,14 +154,17 @@ def export_cli(args: argparse.Namespace) -> int:
 # import
 
 
-def write_run(model: LayerSkipTransformer, tokenizer: str | None, source: str, out: str) -> Path:
-    """Our run directory at `out` with the model as checkpoint step 0 (and its tokenizer.json)."""
+def write_run(model: LayerSkipTransformer, tokenizer: str | None, source: str, out: str,
+              final: str | None = None) -> Path:
+    """Our run directory at `out` with the model as checkpoint step 0 (and its tokenizer.json);
+    `final`: where the directory will be renamed to (recorded in its config)."""
     from omegaconf import OmegaConf
 
     from pretrain.checkpoint.store import save_checkpoint
     from pretrain.config import RunConfig
 
-    cfg = RunConfig(model=model.cfg, name=Path(out).name, run_dir=out)
+    final = final or out
+    cfg = RunConfig(model=model.cfg, name=Path(final).name, run_dir=str(final))
     Path(out).mkdir(parents=True, exist_ok=True)
     if tokenizer:
         copy_tokenizer_files(tokenizer, Path(out))  # tokenizer_config.json names the eos token
@@ -127,10 +173,29 @@ def write_run(model: LayerSkipTransformer, tokenizer: str | None, source: str, o
 
 
 def import_cli(args: argparse.Namespace) -> int:
-    """`import`: HF directory args.hf -> our run directory args.out (checkpoint step 0)."""
+    """`import`: HF directory args.hf -> our run directory args.out (checkpoint step 0), built
+    beside --out and renamed into place."""
+    check_output(args.out, args.hf, args.overwrite, replaceable=lambda path: False)
     model, tokenizer = load_hf_checkpoint(args.hf)
-    path = write_run(model, tokenizer, args.hf, args.out)
-    print(json.dumps({"checkpoint": str(path)}))
+    out = Path(args.out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.import-{tag}")
+    try:
+        write_run(model, tokenizer, args.hf, str(tmp), final=args.out)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.replaced-{tag}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from pretrain.checkpoint.store import checkpoint_dir
+
+    print(json.dumps({"checkpoint": str(checkpoint_dir(out, 0))}))
     return 0
 
 
