@@ -13,14 +13,14 @@ from pretrain.config import ConfigError, to_run_config
 def main(cfg: DictConfig) -> None:
     from pretrain.trainer.loop import train
 
-    from pretrain.operations.exit_codes import OperationsExit
+    from pretrain.operations.exit_codes import CheckpointWriteError, OperationsExit
 
     try:
         train(to_run_config(cfg))
     except ConfigError as err:  # raised before any work is done, and names the key
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
-    except OperationsExit as err:  # requeue (75), non-finite stop, disk full, run dir in use: one line
+    except (OperationsExit, CheckpointWriteError) as err:  # requeue (75), non-finite stop, disk full, run dir in use: one line
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(err.code)
 

@@ -12,9 +12,8 @@ import torch.distributed.checkpoint.filesystem as dcp_fs
 from pretrain.checkpoint.checksums import CHECKSUMS, checksum_problem
 from pretrain.checkpoint.fallback import candidate_checkpoints, checkpoint_problem, choose_checkpoint, load_newest_good
 from pretrain.checkpoint.store import list_checkpoints, load_checkpoint, save_checkpoint
-from pretrain.checkpoint.writer import CheckpointWriter
+from pretrain.checkpoint.writer import CheckpointWriteError, CheckpointWriter
 from pretrain.model import LayerSkipTransformer
-from pretrain.operations.exit_codes import CheckpointWriteError
 
 
 def _model(cfg, seed):

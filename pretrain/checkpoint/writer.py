@@ -28,7 +28,13 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from pretrain.checkpoint.store import (_barrier, _collect, checkpoint_dir, finalize_checkpoint, process_rank,
                                        write_rng_state)
-from pretrain.operations.exit_codes import CheckpointWriteError
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...); the partial directory was
+    removed. The trainer exits with `code` after this one-line message."""
+
+    code = 74
 
 
 def _os_error(err: BaseException) -> OSError | None:

@@ -9,10 +9,12 @@
 """
 from __future__ import annotations
 
+from pretrain.checkpoint.writer import CheckpointWriteError  # noqa: F401 - raised by the checkpoint writer
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 65
-EXIT_CHECKPOINT_WRITE = 74
+EXIT_CHECKPOINT_WRITE = CheckpointWriteError.code
 EXIT_REQUEUE = 75
 EXIT_HANG = 76
 
@@ -36,10 +38,6 @@ class RunInterrupted(OperationsExit):
 
 class NonFiniteStop(OperationsExit):
     code = EXIT_NONFINITE
-
-
-class CheckpointWriteError(OperationsExit):
-    code = EXIT_CHECKPOINT_WRITE
 
 
 class RunDirInUse(OperationsExit):
