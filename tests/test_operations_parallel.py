@@ -81,7 +81,9 @@ def rank_logs(logs) -> dict[int, str]:
 
 def test_sigusr1_to_one_rank_checkpoints_on_both_and_exits_75(data_dir, tmp_path):
     run_dir, requeue = tmp_path / "run", tmp_path / "requeue.json"
-    proc = launch(data_dir, run_dir, tmp_path / "logs", "train.steps=400", LAYERSKIP_REQUEUE_FILE=str(requeue))
+    # checkpoint.every=2: asynchronous saves (over their own gloo group) are in flight around the signal
+    proc = launch(data_dir, run_dir, tmp_path / "logs", "train.steps=400", "checkpoint.every=2", "checkpoint.keep=1",
+                  LAYERSKIP_REQUEUE_FILE=str(requeue))
     pids = wait_for_steps(proc, run_dir, 3)
     os.kill(pids[1], signal.SIGUSR1)
     _, err = proc.communicate(timeout=240)
