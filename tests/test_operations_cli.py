@@ -114,7 +114,7 @@ def test_time_limit_checkpoints_and_exits_75(data_dir, tmp_path):
     assert bad.returncode == 2 and "LAYERSKIP_DEADLINE='tomorrow'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_in_process_time_limit_and_signal_raise_run_interrupted(data_dir, tmp_path, monkeypatch):
+def test_in_process_signal_raises_run_interrupted(data_dir, tmp_path, monkeypatch):
     import pretrain.trainer.loop as loop
     real = loop.step_plan
 
@@ -241,3 +241,29 @@ def test_wandb_resume_keeps_the_run_id(data_dir, tmp_path):
     assert (run_dir / "wandb_run_id").read_text().strip() == first
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert runs and all(name.endswith(first) for name in runs)
+
+
+def test_full_disk_during_training_is_one_clear_error(data_dir, tmp_path, monkeypatch):
+    """ENOSPC while the trainer writes a checkpoint (simulated in DCP's file writer): a
+    CheckpointWriteError naming the step and the disk, the partial directory gone, the previous
+    checkpoint and metrics.jsonl intact, and the rerun resumes."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+    from pretrain.checkpoint.writer import CheckpointWriteError
+
+    run_dir = tmp_path / "run"
+    train(config(data_dir, run_dir, "train.steps=6", "train.stop_at_step=2"))
+    real = dcp_fs._write_item
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_fs, "_write_item", full)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step 4 .*disk full"):
+        train(config(data_dir, run_dir, "train.steps=6", "checkpoint.every=2"))
+    monkeypatch.setattr(dcp_fs, "_write_item", real)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002"]
+    summary = train(config(data_dir, run_dir, "train.steps=6", "checkpoint.every=2"))
+    assert sorted(summary["losses"]) == [2, 3, 4, 5]
+    assert [s for s, _ in train_losses(run_dir)] == list(range(6))

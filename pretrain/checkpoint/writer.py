@@ -159,6 +159,11 @@ class CheckpointWriter:
     def done(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
 
+    def check(self) -> None:
+        """Raise the error of a background save that has failed (without waiting for one that runs)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete; raise its error."""
         if self._thread is not None:

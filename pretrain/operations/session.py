@@ -137,6 +137,8 @@ class RunOperations:
     def boundary(self, done: int) -> Decision:
         """The one all-reduce per step: did any rank get a signal, reach the time budget, or find
         a periodic checkpoint due?"""
+        if self.writer is not None:
+            self.writer.check()   # a background save that failed stops the run here
         now = time.time()
         sig = self.signals.pending()
         save_s = max(self.last_save_s, getattr(self.writer, "last_total_s", 0.0))
