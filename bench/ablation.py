@@ -122,6 +122,7 @@ def training_throughput(run_dir: Path) -> dict:
     steady = train[len(train) // 10:] or train
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
             "blocks_run_fraction": statistics.fmean(r["blocks_run_fraction"] for r in train),
+            "step_time_s": sum(r["step_time_s"] for r in train),
             "final_train_loss": statistics.fmean(r["loss"] for r in train[-max(1, len(train) // 20):])}
 
 
@@ -187,6 +188,7 @@ def parse_args(argv=None):
     ap.add_argument("--reuse", action="store_true", help="keep finished runs, continue unfinished ones")
     ap.add_argument("--overwrite", action="store_true", help="delete existing variant run directories")
     ap.add_argument("--variants", default=",".join(FROM_SCRATCH + CONTINUAL))
+    ap.add_argument("--notes", help="a markdown file inserted into the results after the figure (interpretation)")
     return ap.parse_args(argv)
 
 
@@ -194,6 +196,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.notes and not Path(args.notes).is_file():
+        raise SystemExit(f"error: --notes {args.notes}: no such file")
     if not (Path(args.data_dir) / "manifest.json").is_file():
         raise SystemExit(f"error: --data-dir {args.data_dir}: no prepared data (run `make demo-data`)")
     variants = args.variants.split(",")

@@ -71,6 +71,34 @@ def _best_gamma(result: dict, layer: int) -> str:
     return f"γ={gamma}: {speedup:.2f}x"
 
 
+def findings(results: dict[str, dict], L: int) -> list[str]:
+    """Plain statements computed from the numbers (each comparison says which way it went)."""
+    out = []
+
+    def early_mean(v: str) -> float:
+        return sum(results[v]["exits"][l]["loss"] for l in range(1, L)) / (L - 1)
+
+    def cmp(a: float, b: float) -> str:
+        return "lower" if a < b else "higher"
+
+    pairs = [("layerskip", "baseline"), ("early_exit", "baseline"), ("layer_dropout", "baseline"),
+             ("continual_layerskip", "continual_plain")]
+    for v, ref in pairs:
+        if v in results and ref in results:
+            a, b = early_mean(v), early_mean(ref)
+            la, lb = results[v]["exits"][L]["loss"], results[ref]["exits"][L]["loss"]
+            sa, sb = results[v]["best"]["speedup"], results[ref]["best"]["speedup"]
+            out.append(f"- {LABELS[v]} vs {LABELS[ref]}: mean held-out loss of exits 1..{L - 1} {a:.3f} vs {b:.3f} "
+                       f"({cmp(a, b)}); last exit {la:.3f} vs {lb:.3f} ({la - lb:+.3f}, {cmp(la, lb)}); best "
+                       f"expected speedup {sa:.2f}x vs {sb:.2f}x; measured {results[v]['decoding']['speedup']:.2f}x vs "
+                       f"{results[ref]['decoding']['speedup']:.2f}x.")
+    if "layer_dropout" in results and "baseline" in results:
+        t, tb = results["layer_dropout"]["training"], results["baseline"]["training"]
+        out.append(f"- Layer dropout ran {t['blocks_run_fraction']:.1%} of the block work; training tokens/s "
+                   f"{t['tokens_per_s']:,.0f} vs {tb['tokens_per_s']:,.0f} without it ({t['tokens_per_s'] / tb['tokens_per_s']:.2f}x).")
+    return out
+
+
 def write_report(args, results: dict[str, dict], figures: dict[str, Path], out: Path, wall_s: float,
                  command: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +118,8 @@ def write_report(args, results: dict[str, dict], figures: dict[str, Path], out: 
              f"{args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1, median of "
              f"{args.repeats} interleaved repeats.", "",
              f"![held-out loss per exit]({rel['exit_loss']})", "",
+             *([Path(args.notes).read_text().strip(), ""] if args.notes else []),
+             "## Findings (computed from the tables below)", "", *findings(results, L), "",
              "## Held-out loss per exit (nats/token)", "",
              *_per_exit_table(results, lambda r, l: f"{r['exits'][l]['loss']:.3f}"), "",
              "## Perplexity per exit", "",
@@ -103,7 +133,7 @@ def write_report(args, results: dict[str, dict], figures: dict[str, Path], out: 
              "## Per variant: last layer, best (E, γ), measured decoding, training", "",
              "| variant | last-exit loss | Δ vs baseline | best E, γ | predicted speedup | measured acceptance "
              "| layer evals/token | self-spec tokens/s | autoregressive tokens/s | measured speedup | identical "
-             "| train tokens/s | block work run | train wall s |",
+             "| train tokens/s | block work run | train step time s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in results.items():
         d, t, loss = r["decoding"], r["training"], r["exits"][L]["loss"]
@@ -112,11 +142,12 @@ def write_report(args, results: dict[str, dict], figures: dict[str, Path], out: 
                      f"{r['best']['speedup']:.2f}x | {d['acceptance']:.3f} | {d['layer_evals_per_token']:.2f} | "
                      f"{d['tokens_per_s']:,.0f} | {d['autoregressive_tokens_per_s']:,.0f} | {d['speedup']:.2f}x | "
                      f"{d['identical_tokens']} | {t['tokens_per_s']:,.0f} | {t['blocks_run_fraction']:.3f} | "
-                     f"{t['wall_s']:.0f} |")
+                     f"{t['step_time_s']:.0f} |")
     lines += ["", "Δ vs baseline: the last layer's held-out loss minus the baseline's (positive = LayerSkip "
               "costs the last layer). Training tokens/s: median over logged steps after the first 10% "
               "(noisy on a shared machine; 'block work run' is the hardware-independent share of block rows "
-              "computed, 1 - the layer-dropout saving).", ""]
+              "computed, 1 - the layer-dropout saving; train step time: the sum of the timed steps, without data loading and "
+              "logging).", ""]
     for key, caption in (("curves_layerskip", "training loss per exit, LayerSkip from scratch"),
                          ("curves_continual_layerskip", "training loss per exit, continual LayerSkip "
                                                         "(gradual curriculum)"),

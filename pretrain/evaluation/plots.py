@@ -183,6 +183,7 @@ def dropout_heatmap_figure(panels: Mapping[str, Sequence[Sequence[float]]], path
         image = ax.imshow(matrix, aspect="auto", origin="lower", cmap="magma", vmin=0.0, vmax=vmax,
                           extent=(-0.5, len(rates) - 0.5, -0.5, len(matrix) - 0.5), interpolation="nearest")
         ax.set_yticks(range(len(matrix)))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("step t")
         ax.set_ylabel("block l (0 = first)")
         ax.set_title(name, fontsize=9)
