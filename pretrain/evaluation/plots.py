@@ -76,44 +76,38 @@ def per_exit_figure(result: Mapping, path: str | Path, title: str = "per-exit ev
     return _save(fig, path)
 
 
-def exit_loss_figure(results: Mapping[str, Mapping], path: str | Path,
-                     title: str = "held-out loss per exit") -> Path:
-    """The ablation's central figure: held-out loss at every exit, one line per variant."""
+def _per_variant_figure(results: Mapping[str, Mapping], path: str | Path, key: str, ylabel: str,
+                        title: str, ylim: tuple[float, float] | None = None) -> Path:
+    """One line per variant of the per-exit statistic `key` over the exits."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     exits: set[int] = set()
     for name, result in results.items():
         rows = exit_rows(result)
         exits.update(l for l, _ in rows)
-        ax.plot([l for l, _ in rows], [s["loss"] for _, s in rows], label=name, **_style(name))
+        ax.plot([l for l, _ in rows], [s[key] for _, s in rows], label=name, **_style(name))
     ax.set_xlabel("exit layer (blocks run before the shared exit head)")
-    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.set_xticks(sorted(exits))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def exit_loss_figure(results: Mapping[str, Mapping], path: str | Path,
+                     title: str = "held-out loss per exit") -> Path:
+    """The ablation's central figure: held-out loss at every exit, one line per variant."""
+    return _per_variant_figure(results, path, "loss", "held-out loss (nats/token)", title)
 
 
 def agreement_figure(results: Mapping[str, Mapping], path: str | Path,
                      title: str = "top-1 agreement with the last layer per exit") -> Path:
     """Per exit and variant: how often the exit's greedy token equals the last layer's (the draft
     acceptance a greedy self-speculative decoder would see with that exit)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    exits: set[int] = set()
-    for name, result in results.items():
-        rows = exit_rows(result)
-        exits.update(l for l, _ in rows)
-        ax.plot([l for l, _ in rows], [s["agreement"] for _, s in rows], label=name, **_style(name))
-    ax.set_xlabel("exit layer")
-    ax.set_ylabel("agreement with last layer")
-    ax.set_ylim(0, 1.05)
-    ax.set_xticks(sorted(exits))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _per_variant_figure(results, path, "agreement", "agreement with last layer", title, ylim=(0, 1.05))
 
 
 def _moving_average(values: Sequence[float], window: int) -> list[float]:
