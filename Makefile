@@ -48,7 +48,7 @@ bench-decoding: demo-data
 # Writes bench/results/ablation.md and the figures in bench/results/ablation/ (~1 h on 2 busy cores).
 ablation: setup
 	test -f data/demo/manifest.json || $(MAKE) demo-data
-	OMP_NUM_THREADS=1 $(PY) -m bench.ablation --reuse
+	OMP_NUM_THREADS=1 $(PY) -m bench.ablation --reuse --notes bench/results/ablation_notes.md
 
 clean:
 	rm -rf runs data/demo .pytest_cache
