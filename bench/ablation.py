@@ -43,6 +43,7 @@ from pretrain.checkpoint.store import find_latest_checkpoint
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import validation_batches
 from pretrain.decoding import DecodeOptions
+from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import evaluate_exits
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -80,6 +81,7 @@ def common_overrides(args, data: PackedDataset, variant: str) -> list[str]:
             f"data.dir={args.data_dir}", f"run_dir={Path(args.runs_dir) / variant}", f"name=ablation_{variant}",
             f"train.steps={args.steps}", f"train.global_batch_size={args.batch_size}",
             f"train.micro_batch_size={args.batch_size}", f"train.seq_len={data.seq_len}", "train.seed=0",
+            f"train.device={args.device}",
             f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup}", "logging.every=1",
             "logging.progress_bar=false", f"logging.wandb.mode={args.wandb}", "eval.every=0",
             f"eval.batches={args.eval_batches}", f"eval.batch_size={args.eval_batch_size}",
@@ -145,10 +147,11 @@ def measure_decoding(model, prompts: list[list[int]], exit_layer: int, draft_len
 
 
 def evaluate_variant(args, run_dir: Path, val: PackedDataset) -> dict:
-    model, _ = load_model(resolve_checkpoint(run_dir))
+    device = select_device(args.device)
+    model, _ = load_model(resolve_checkpoint(run_dir), device=device)
     with torch.no_grad():
         result = evaluate_exits(model, validation_batches(val, args.eval_batch_size, max_batches=args.eval_batches),
-                                torch.device("cpu"), args.max_draft_len)
+                                device, args.max_draft_len)
         n = min(args.prompts, len(val))  # spread over the split: different documents
         prompts = [val[i * len(val) // n][:args.prompt_len].tolist() for i in range(n)]
         best = result["best"]
@@ -184,6 +187,7 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
+    ap.add_argument("--device", default="cpu", help="training, evaluation and decoding device (cpu, auto, ...)")
     ap.add_argument("--wandb", default="disabled", help="logging.wandb.mode of the training runs")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs, continue unfinished ones")
     ap.add_argument("--overwrite", action="store_true", help="delete existing variant run directories")

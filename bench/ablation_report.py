@@ -95,7 +95,8 @@ def findings(results: dict[str, dict], L: int) -> list[str]:
     if "layer_dropout" in results and "baseline" in results:
         t, tb = results["layer_dropout"]["training"], results["baseline"]["training"]
         out.append(f"- Layer dropout ran {t['blocks_run_fraction']:.1%} of the block work; training tokens/s "
-                   f"{t['tokens_per_s']:,.0f} vs {tb['tokens_per_s']:,.0f} without it ({t['tokens_per_s'] / tb['tokens_per_s']:.2f}x).")
+                   f"{t['tokens_per_s']:,.0f} vs {tb['tokens_per_s']:,.0f} without it ({t['tokens_per_s'] / tb['tokens_per_s']:.2f}x; "
+                   "runs one after another, as noisy as the machine's load).")
     return out
 
 
