@@ -168,7 +168,7 @@ def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batch
         done = step + 1
         if result.skipped:
             logger.log({"step": step, "skipped": True, "loss": result.loss, "grad_norm": result.grad_norm,
-                        "nonfinite_skipped": ops.guard.skipped},
+                        "nonfinite_skipped": ops.guard.skipped}, kind="nonfinite",
                        console=f"step {step:>6d} skipped (non-finite guard): loss {result.loss}, grad norm "
                                f"{result.grad_norm} ({ops.guard.skipped} skipped so far)")
         if ops.after_step(elapsed) == "rollback":
