@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test bench bench-decoding clean
+.PHONY: setup demo-data demo test test-slurm slurm-up slurm-down bench bench-decoding clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,17 @@ demo: demo-data
 
 test: setup
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests
+
+# Tests through a real Slurm (root, Debian): installs slurmctld/slurmd/slurm-client/munge if missing,
+# starts a two-node cluster on this machine, runs launch/slurm.sbatch jobs, tears the cluster down.
+test-slurm: setup
+	LAYERSKIP_SLURM_TESTS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests/slurm
+
+# The same cluster by hand (sinfo, sbatch launch/slurm.sbatch ...), then slurm-down.
+slurm-up:
+	$(PYTHON) tests/slurm/cluster.py up
+slurm-down:
+	$(PYTHON) tests/slurm/cluster.py down
 
 # CPU benchmarks; each writes bench/results/<name>.md and .json (command, machine, date).
 bench: setup

@@ -1,0 +1,59 @@
+"""Fixtures of the Slurm suite: the local two-node cluster (started for the session and torn down
+after it, unless one was up already), the prepared data, and the single-process reference run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster import Cluster, down, up
+from jobs import RUN_ENABLED, ROOT
+
+# Shared by the tests: the training run every job in this suite makes (tiny model, stdlib data).
+STEPS = 60
+BASE = ["model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "train.device=cpu", "optim.lr=3e-3", "optim.warmup_steps=5", "logging.every=1",
+        "logging.progress_bar=false", "logging.wandb.mode=disabled", "eval.batches=1", "eval.batch_size=4",
+        "eval.decode_prompts=0", "layerskip.layer_dropout.p_max=0.3", "layerskip.early_exit.rotation_period=2"]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if not RUN_ENABLED:
+        pytest.skip("LAYERSKIP_SLURM_TESTS=1 not set")
+    if os.geteuid() != 0:
+        pytest.fail("the Slurm suite needs root: it installs Debian packages and runs slurmd")
+    cluster = Cluster()
+    started = not cluster.record.exists()
+    if started:
+        up(cluster)
+    yield cluster
+    if started and os.environ.get("LAYERSKIP_SLURM_KEEP") != "1":
+        down(cluster)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slurm_data") / "stdlib"
+    subprocess.run([sys.executable, "-m", "pretrain.data.prepare", "--out", str(out), "--max-files", "40",
+                    "--vocab-size", "512", "--seq-len", "32"], check=True, capture_output=True, timeout=300,
+                   cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    return out
+
+
+def overrides(data_dir, run_dir, *extra: str) -> list[str]:
+    return BASE + [f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.steps={STEPS}", *extra]
+
+
+@pytest.fixture(scope="session")
+def reference_losses(data_dir, tmp_path_factory) -> dict[int, float]:
+    """The same training in one process, uninterrupted (the CLI, as a user runs it)."""
+    run_dir = tmp_path_factory.mktemp("slurm_reference") / "run"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", *overrides(data_dir, run_dir)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from jobs import train_losses
+    return train_losses(run_dir)
