@@ -9,14 +9,7 @@ import sys
 import pytest
 
 from cluster import Cluster, down, up
-from jobs import RUN_ENABLED, ROOT
-
-# Shared by the tests: the training run every job in this suite makes (tiny model, stdlib data).
-STEPS = 60
-BASE = ["model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
-        "train.device=cpu", "optim.lr=3e-3", "optim.warmup_steps=5", "logging.every=1",
-        "logging.progress_bar=false", "logging.wandb.mode=disabled", "eval.batches=1", "eval.batch_size=4",
-        "eval.decode_prompts=0", "layerskip.layer_dropout.p_max=0.3", "layerskip.early_exit.rotation_period=2"]
+from jobs import ROOT, RUN_ENABLED, overrides, train_losses
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +36,6 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def overrides(data_dir, run_dir, *extra: str) -> list[str]:
-    return BASE + [f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.steps={STEPS}", *extra]
-
-
 @pytest.fixture(scope="session")
 def reference_losses(data_dir, tmp_path_factory) -> dict[int, float]:
     """The same training in one process, uninterrupted (the CLI, as a user runs it)."""
@@ -55,5 +44,4 @@ def reference_losses(data_dir, tmp_path_factory) -> dict[int, float]:
                           env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from jobs import train_losses
     return train_losses(run_dir)

@@ -13,6 +13,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 RUN_ENABLED = os.environ.get("LAYERSKIP_SLURM_TESTS") == "1"
+# The training every job of the suite runs (tiny model, stdlib data); tests add to the overrides.
+STEPS = 60
+BASE = ["model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "train.device=cpu", "optim.lr=3e-3", "optim.warmup_steps=5", "logging.every=1",
+        "logging.progress_bar=false", "logging.wandb.mode=disabled", "eval.batches=1", "eval.batch_size=4",
+        "eval.decode_prompts=0", "layerskip.layer_dropout.p_max=0.3", "layerskip.early_exit.rotation_period=2"]
+
+
+def overrides(data_dir, run_dir, *extra: str) -> list[str]:
+    return BASE + [f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.steps={STEPS}", *extra]
+
+
 SKIP_REASON = ("the Slurm suite runs only under `make test-slurm` (LAYERSKIP_SLURM_TESTS=1): it installs "
                "and starts a local two-node Slurm as root")
 
