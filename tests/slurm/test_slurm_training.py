@@ -108,4 +108,5 @@ def test_stopped_rank_ends_the_job_through_the_watchdog(slurm_cluster, data_dir,
     assert took < 40, f"the job took {took:.0f} s to end after rank {stopped_rank} stopped"
     assert re.search(rf"watchdog: rank \d+ .*stuck: rank {stopped_rank}: ", text), text[-5000:]
     assert "most recent call first" in text  # the live rank's Python stacks
+    assert "exitcode  : 76" in text  # torchrun's summary of the rank that left through the watchdog
     assert job_field(job, "Restarts") == "0"
