@@ -11,11 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from parallel_scripts.launch import ROOT, child_env, free_port
-from pretrain.config import to_run_config
-from pretrain.trainer.loop import train
 
 STEPS = 80
 BASE = ["model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
@@ -69,10 +66,11 @@ def test_killed_worker_is_restarted_and_the_run_resumes(data_dir, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     resumed = [l for l in out.splitlines() if "resumed from" in l]
     assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 20, out[-4000:]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config",
-                                    overrides=BASE + [f"data.dir={data_dir}", f"run_dir={tmp_path / 'single'}"]))
-    reference = train(cfg)["losses"]
+    # the same run in one process, uninterrupted (one thread, as the workers)
+    subprocess.run([sys.executable, "-m", "pretrain.train", *BASE, f"data.dir={data_dir}",
+                    f"run_dir={tmp_path / 'single'}"], cwd=ROOT, env=child_env(), check=True,
+                   capture_output=True, timeout=600)
+    reference = losses_by_step(tmp_path / "single")
     got = losses_by_step(run_dir)
     assert sorted(got) == sorted(reference)
     assert all(abs(got[s] - reference[s]) <= 1e-5 * abs(reference[s]) for s in reference)
