@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cluster import Cluster, down, up
+from cluster import Cluster, down, node_states, up
 from jobs import ROOT, RUN_ENABLED, overrides, train_losses
 
 
@@ -19,6 +19,8 @@ def slurm_cluster():
     if os.geteuid() != 0:
         pytest.fail("the Slurm suite needs root: it installs Debian packages and runs slurmd")
     cluster = Cluster()
+    if cluster.record.exists() and not node_states():
+        down(cluster)  # left by a session that died: its daemons are gone
     started = not cluster.record.exists()
     if started:
         up(cluster)
