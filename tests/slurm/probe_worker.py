@@ -3,7 +3,7 @@ torchrun.sh through LAYERSKIP_MODULE=probe_worker): it prints one PROBE line wit
 environment, then a PROBE line per signal it receives. On SIGTERM/SIGUSR1 it does what the trainer's
 contract says (rank 0 writes $LAYERSKIP_REQUEUE_FILE, every rank exits 75), in the first attempt of
 the job only; a requeued attempt (SLURM_RESTART_COUNT >= 1) prints its line and exits 0, as does
-every attempt under PROBE_EXIT_AT_ONCE=1."""
+every attempt under PROBE_EXIT_AT_ONCE=1. Under PROBE_NO_HANDLER=1 a signal kills it."""
 from __future__ import annotations
 
 import json
@@ -31,8 +31,9 @@ def leave(signum, frame) -> None:
 
 
 def main() -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, leave)
+    if os.environ.get("PROBE_NO_HANDLER") != "1":  # else: dies of the signal, as a trainer in start-up
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, leave)
     keys = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_RESTART_COUNT", "LAYERSKIP_DEADLINE",
             "LAYERSKIP_REQUEUE_FILE", "MASTER_PORT")
     say(ready=True, t=time.time(), **{k.lower(): os.environ.get(k) for k in keys})

@@ -93,3 +93,23 @@ def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tmp_path):
     assert wait_done(job, tmp_path, 60) == "CANCELLED"
     time.sleep(10)  # longer than the cluster's KillWait: the batch script has ended by now
     assert state(job) == "CANCELLED" and job_field(job, "Restarts") == "0"
+
+
+def test_preemption_before_the_worker_can_answer_still_requeues(slurm_cluster, tmp_path):
+    job = submit(tmp_path, ["--nodes=2", "--exclusive"], [], PROBE_NO_HANDLER="1", **PROBE_ENV)
+    wait_for(lambda: len(ready(log(tmp_path, job), 0)) == 2, 120, "2 workers", job, tmp_path)
+    subprocess.run(["sbatch", "--partition=high", "--nodes=2", "--exclusive", f"--output={tmp_path}/high-%j.out",
+                    "--wrap", "sleep 2"], check=True, capture_output=True)
+    assert wait_done(job, tmp_path, 240) == "COMPLETED"
+    text = log(tmp_path, job)
+    assert "=== requeued: preempted at" in text and job_field(job, "Restarts") == "1", text[-3000:]
+    assert ready(text, 1)
+
+
+def test_unanswered_time_limit_warning_does_not_requeue(slurm_cluster, tmp_path):
+    job = submit(tmp_path, ["--nodes=1"], [], PROBE_NO_HANDLER="1", **PROBE_ENV)
+    wait_for(lambda: len(ready(log(tmp_path, job), 0)) == 1, 120, "the worker", job, tmp_path)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    assert wait_done(job, tmp_path, 120) == "FAILED"
+    assert "=== not requeued: SIGUSR1 (time limit ahead)" in log(tmp_path, job)
+    assert job_field(job, "Restarts") == "0"
