@@ -233,10 +233,11 @@ def validate_data(data: DataConfig) -> None:
     if not data.sources:
         _require(bool(data.dir), "data.dir", data.dir, "must name a prepared dataset")
         return
-    given = [source.name for source in data.sources if source.name]
+    seen: set[str] = set()
     for i, source in enumerate(data.sources):
         _require(bool(source.dir), f"data.sources[{i}].dir", source.dir, "must name a prepared dataset")
         _require(source.weight > 0 and source.weight != float("inf"), f"data.sources[{i}].weight", source.weight,
                  "must be a finite number > 0")
-        _require(not source.name or given.count(source.name) == 1, f"data.sources[{i}].name", source.name,
+        _require(not source.name or source.name not in seen, f"data.sources[{i}].name", source.name,
                  "names must be unique")
+        seen.add(source.name)
