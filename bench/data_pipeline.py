@@ -32,8 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import record
-
 BPE_VOCAB = 4096
 WORDS = ("self", "value", "result", "name", "data", "path", "item", "key", "args", "line", "text", "node")
 
@@ -252,6 +250,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2:])
         return
+    from bench.common import record  # imports torch: not in the children (nor their spawned workers)
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes-mb", default="30,300,1024")
     ap.add_argument("--repeats", type=int, default=3)
