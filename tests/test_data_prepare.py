@@ -238,3 +238,22 @@ def test_out_is_never_lost(corpus, tokenizer_dir, tmp_path):
     prepare_dataset(out, inputs=[str(corpus / "dir")], **{**kw, "val_fraction": 0.0})
     assert not (out / "val-000000.tar").exists() or json.loads((out / "manifest.json").read_text())["splits"]["val"]["shards"]
     assert not [p for p in out.iterdir() if p.name.startswith(".prepare-staging")]
+
+
+@pytest.mark.parametrize("count,dtype", [(7, np.uint16), (50, np.uint32)])
+def test_shard_writer_writes_what_tarfile_writes(tmp_path, count, dtype):
+    import io
+    import tarfile
+    from pretrain.data.shards import ShardWriter, npy_bytes
+    rows = np.random.default_rng(0).integers(0, 60000, (count, 13))
+    writer = ShardWriter(tmp_path, "train", 1000, dtype, 13)
+    for row in rows:
+        writer.add(row)
+    writer.finish()
+    with tarfile.open(tmp_path / "reference.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, row in enumerate(rows):
+            data = npy_bytes(row.astype(dtype))
+            info = tarfile.TarInfo(f"{i:012d}.tokens.npy")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "train-000000.tar").read_bytes() == (tmp_path / "reference.tar").read_bytes()
