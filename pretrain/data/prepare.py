@@ -33,32 +33,28 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
 import sysconfig
-import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.corpus import BadInputError, BadRecords, SourceFile, expand_inputs, read_documents, stdlib_files, stdlib_root
-from pretrain.data.encode import Encoder, document_batches, encode_documents
-from pretrain.data.outdir import PARTS_DIR, OutputError, check_output, commit, staging
-from pretrain.data.shards import FORMAT_VERSION, KEY_DIGITS, MEMBER_SUFFIX, token_dtype
-from pretrain.data.streams import PART_INFO, StreamWriter, atomic_write, pack_parts, read_part, split_hash
+from pretrain.data.assemble import encode_part, write_dataset
+from pretrain.data.corpus import BadRecords, expand_inputs, stdlib_files, stdlib_root
+from pretrain.data.outdir import PARTS_DIR, check_output, commit, staging
+from pretrain.data.parts import merge_parts, prepare_part, select_part
+from pretrain.data.shards import token_dtype
+from pretrain.data.streams import atomic_write, split_hash
 from pretrain.data.tokenizer import vocab_size_of
-from pretrain.data.tokenizer_choice import TokenizerChoice, bpe_sample, given_tokenizer, trained_tokenizer
+from pretrain.data.tokenizer_choice import bpe_sample, given_tokenizer, trained_tokenizer
+
+__all__ = ["prepare_dataset", "merge_parts", "split_documents", "main"]
 
 DEFAULT_OUT = "data/stdlib"  # the default data.dir of the training config
 DEFAULT_SAMPLE_BYTES = 64 * 2 ** 20
-# Settings every part of one dataset must share (checked by --merge).
-_SHARED = ("inputs", "pattern", "text_field", "seq_len", "val_fraction", "samples_per_shard", "max_files",
-           "include_tests", "add_special_tokens", "on_bad_record", "dtype", "vocab_size", "eos_id", "bos_id",
-           "tokenizer_sha256", "tokenizer_source", "num_parts")
 
 
 def split_documents(docs, val_fraction: float):
@@ -72,75 +68,6 @@ def split_documents(docs, val_fraction: float):
     return ([d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v])
 
 
-def select_part(files: list[SourceFile], num_parts: int, part: int) -> list[SourceFile]:
-    """The files of part `part` of `num_parts`: contiguous runs of the sorted file list, balanced
-    by size (file j goes to the part its middle byte falls in)."""
-    sizes = np.asarray([f.path.stat().st_size for f in files], dtype=np.float64)
-    if sizes.sum() == 0:
-        sizes[:] = 1.0
-    middle = np.cumsum(sizes) - sizes / 2
-    owner = np.minimum((middle * num_parts / sizes.sum()).astype(np.int64), num_parts - 1)
-    return [f for f, o in zip(files, owner) if o == part]
-
-
-def _encode_part(directory: Path, files: list[SourceFile], choice: TokenizerChoice, settings: dict,
-                 max_bytes: int | None, workers: int) -> dict:
-    """Encode `files` into the token streams of one part in `directory`; part.json last."""
-    bad = BadRecords(settings["on_bad_record"])
-    encoder = Encoder(choice.files["tokenizer.json"].decode(), choice.eos_id, choice.bos_id,
-                      settings["add_special_tokens"])
-    docs = (d for d in read_documents(files, settings["text_field"], max_bytes, bad) if d.text.strip())
-    writer = StreamWriter(directory, np.dtype(settings["dtype"]), settings["val_fraction"])
-    try:
-        for batch, ids, lengths in encode_documents(document_batches(docs), encoder, workers):
-            writer.add(batch, ids, lengths)
-    finally:
-        writer.close()
-    info = {**settings, **writer.info(), "files": len(files), "bad_records": bad.as_dict()}
-    atomic_write(directory / PART_INFO, (json.dumps(info, indent=2) + "\n").encode())
-    return info
-
-
-def _combined_bad_records(infos: list[dict]) -> dict:
-    counts: dict[str, int] = {}
-    for info in infos:
-        for reason, n in info["bad_records"]["skipped"].items():
-            counts[reason] = counts.get(reason, 0) + n
-    examples = [e for info in infos for e in info["bad_records"]["examples"]][:10]
-    return {"policy": infos[0]["bad_records"]["policy"], "skipped": dict(sorted(counts.items())),
-            "examples": examples}
-
-
-def _write_dataset(stage: Path, parts: list[tuple[Path, dict]], tokenizer_files: dict[str, bytes]) -> dict:
-    """Shards, tokenizer files and manifest.json of the parts' streams, in `stage`."""
-    s = parts[0][1]
-    dtype = np.dtype(s["dtype"])
-    splits = pack_parts(parts, stage, s["seq_len"], s["samples_per_shard"], s["val_fraction"], dtype)
-    if splits["train"]["samples"] == 0:
-        raise ValueError(f"the training split has {splits['train']['encoded_tokens']} tokens, fewer than "
-                         f"seq_len+1={s['seq_len'] + 1}; add text or lower --seq-len")
-    if s["val_fraction"] > 0 and splits["val"]["samples"] == 0:
-        warnings.warn(f"the validation split has no samples ({splits['val']['documents']} documents, "
-                      f"{splits['val']['encoded_tokens']} tokens < seq_len+1={s['seq_len'] + 1}); "
-                      "raise --val-fraction or lower --seq-len", stacklevel=3)
-    for name, data in tokenizer_files.items():
-        atomic_write(stage / name, data)
-    from tokenizers import Tokenizer
-    eos_token = Tokenizer.from_str(tokenizer_files["tokenizer.json"].decode()).id_to_token(s["eos_id"])
-    manifest = {
-        "format": FORMAT_VERSION, "seq_len": s["seq_len"], "sample_len": s["seq_len"] + 1,
-        "vocab_size": s["vocab_size"], "eos_id": s["eos_id"], "eos_token": eos_token, "bos_id": s["bos_id"],
-        "dtype": dtype.name, "member_suffix": MEMBER_SUFFIX, "key_digits": KEY_DIGITS,
-        "tokenizer": "tokenizer.json", "tokenizer_sha256": s["tokenizer_sha256"],
-        "tokenizer_source": s["tokenizer_source"], "source": s["source"],
-        "settings": {k: s[k] for k in ("inputs", "pattern", "text_field", "val_fraction", "samples_per_shard",
-                                       "max_files", "max_bytes", "include_tests", "add_special_tokens",
-                                       "on_bad_record", "num_parts")},
-        "bad_records": _combined_bad_records([info for _, info in parts]),
-        "splits": splits,
-    }
-    atomic_write(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
 
 
 def prepare_dataset(out: str | Path = DEFAULT_OUT, *, inputs: Sequence[str] | None = None, pattern: str = "*",
@@ -211,71 +138,15 @@ def prepare_dataset(out: str | Path = DEFAULT_OUT, *, inputs: Sequence[str] | No
         tokenizer_source=choice.source, num_parts=num_parts, source=source)
 
     if part is not None:
-        return _prepare_part(out, select_part(files, num_parts, part), choice, settings, part, workers)
+        return prepare_part(out, select_part(files, num_parts, part), choice, settings, part, workers)
     with staging(out) as stage:
         stream = stage / "stream"
         stream.mkdir()
-        info = _encode_part(stream, files, choice, {**settings, "part": 0}, max_bytes, workers)
+        info = encode_part(stream, files, choice, {**settings, "part": 0}, max_bytes, workers)
         if info["documents"]["train"] + info["documents"]["val"] == 0:
             raise ValueError(f"no documents (non-empty text) found in {source}")
-        manifest = _write_dataset(stage, [(stream, info)], choice.files)
+        manifest = write_dataset(stage, [(stream, info)], choice.files)
         shutil.rmtree(stream)
-        commit(stage, out, keep_other=not overwrite)
-    return manifest
-
-
-def part_name(part: int, num_parts: int) -> str:
-    return f"part-{part:05d}-of-{num_parts:05d}"
-
-
-def _prepare_part(out: Path, files: list[SourceFile], choice: TokenizerChoice, settings: dict, part: int,
-                  workers: int) -> dict:
-    parts = out / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    final = parts / part_name(part, settings["num_parts"])
-    tmp = parts / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
-        for name, data in choice.files.items():
-            atomic_write(tmp / name, data)
-        info = _encode_part(tmp, files, choice, {**settings, "part": part}, None, workers)
-        if final.exists():  # an earlier attempt of this part
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
-
-
-def merge_parts(out: str | Path, overwrite: bool = False) -> dict:
-    """Write the dataset of out/parts/part-*-of-N (all N present and complete) into `out`. The
-    parts stay (remove out/parts after checking the result)."""
-    out = Path(out)
-    parts_dir = out / PARTS_DIR
-    dirs = sorted(p for p in parts_dir.glob("part-*-of-*") if p.is_dir()) if parts_dir.is_dir() else []
-    if not dirs:
-        raise ValueError(f"no parts in {parts_dir}: run prepare with --num-parts N --part I first")
-    infos = [(d, read_part(d)) for d in dirs]
-    n = infos[0][1]["num_parts"]
-    names = [d.name for d, _ in infos]
-    expected = [part_name(i, n) for i in range(n)]
-    if names != expected:
-        missing = sorted(set(expected) - set(names))
-        extra = sorted(set(names) - set(expected))
-        raise ValueError(f"{parts_dir}: parts of --num-parts={n} are " + (f"missing {', '.join(missing[:5])}"
-                         if missing else "") + (f" and " if missing and extra else "")
-                         + (f"mixed with {', '.join(extra[:5])} from another --num-parts" if extra else ""))
-    for d, info in infos[1:]:
-        differ = [k for k in _SHARED if info.get(k) != infos[0][1].get(k)]
-        if differ:
-            raise ValueError(f"{d} was prepared with other settings than {dirs[0].name} "
-                             f"({', '.join(differ)}); prepare every part with the same arguments")
-    check_output(out, [], overwrite)
-    tokenizer_files = {p.name: p.read_bytes() for p in (dirs[0] / "tokenizer.json", dirs[0] / "tokenizer_config.json")
-                       if p.is_file()}
-    with staging(out) as stage:
-        manifest = _write_dataset(stage, infos, tokenizer_files)
         commit(stage, out, keep_other=not overwrite)
     return manifest
 

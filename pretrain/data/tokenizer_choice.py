@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from pretrain.data.corpus import BadRecords, SourceFile, file_kind, read_documents
+from pretrain.data.corpus import BadRecords, SourceFile, read_documents
 from pretrain.data.streams import split_hash
 from pretrain.data.tokenizer import (TRAINED_EOS, bos_token_id, eos_token_id, load_tokenizer, tokenizer_file,
                                      train_bpe)
@@ -62,7 +62,7 @@ def bpe_sample(files: list[SourceFile], text_field: str, sample_bytes: int, val_
     (with the split's fallback: the smallest-hash document is held out when no other is)."""
     estimate = estimated_text_bytes(files)
     rate = 1.0 if estimate <= sample_bytes else sample_bytes / estimate
-    texts, names, size, complete = [], [], 0, True
+    texts, size, complete = [], 0, True
     seen_val, smallest, count = False, None, 0
     for doc in read_documents(files, text_field, max_bytes, BadRecords(on_bad_record)):
         if not doc.text.strip():
