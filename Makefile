@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test bench bench-decoding clean
+.PHONY: setup demo-data demo test bench bench-decoding bench-data clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +42,11 @@ bench-decoding: demo-data
 		optim.warmup_steps=60 logging.progress_bar=false logging.every=100 logging.wandb.mode=disabled \
 		eval.decode_prompts=0 checkpoint.every=250
 	$(PY) -m bench.decoding_speedup --checkpoint runs/bench_decode
+
+# Data pipeline (prepare throughput and memory up to a 1 GB generated corpus, shard readers, loader):
+# about an hour on 2 cores; needs ~4 GB in /tmp.
+bench-data: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.data_pipeline --sizes-mb 30,300,1024 --repeats 3
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -88,9 +88,18 @@ def is_generated_codec_table(path: Path) -> bool:
         return b"generated from" in f.read(200)
 
 
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def stdlib_files(include_tests: bool = False) -> list[SourceFile]:
     """The interpreter's standard-library `.py` files, sorted; never site-packages, nor the
-    generated codec tables, and test packages only with `include_tests`."""
+    generated codec tables, and test packages only with `include_tests` (without their few
+    deliberately non-UTF-8 fixtures)."""
     root = stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"the standard library directory {root} does not exist; pass --inputs")
@@ -99,7 +108,8 @@ def stdlib_files(include_tests: bool = False) -> list[SourceFile]:
         rel = path.relative_to(root).parts
         if "site-packages" in rel or "dist-packages" in rel:
             continue
-        if not include_tests and any(p in TEST_DIRS for p in rel[:-1]):
+        in_tests = any(p in TEST_DIRS for p in rel[:-1])
+        if in_tests and (not include_tests or not _is_utf8(path)):  # a few test fixtures are latin-1 / koi8-r on purpose
             continue
         if path.is_file() and not is_generated_codec_table(path):
             files.append(SourceFile(path, "stdlib/" + "/".join(rel)))
