@@ -21,14 +21,19 @@ def evaluate(model: torch.nn.Module, val: PackedDataset | dict[str, PackedDatase
     on its own (`result["sources"][name]` = per-exit loss, perplexity, agreement) and the overall
     figures are their token-weighted means; prompts come from the first source."""
     sets = val if isinstance(val, dict) else {"": val}
+    empty = [name for name, ds in sets.items() if not len(ds)] if len(sets) > 1 else []
+    if len(empty) < len(sets):  # a source too small for a validation sample is reported, not a failure
+        sets = {name: ds for name, ds in sets.items() if name not in empty}
     per_source, weights = {}, {}
     for name, ds in sets.items():
         per_source[name] = exit_statistics(model, validation_batches(ds, cfg.batch_size, max_batches=cfg.batches),
                                            device)
         weights[name] = min(len(ds), cfg.batch_size * cfg.batches) * ds.seq_len  # target tokens seen
     result = exit_summary(combine_exit_statistics(per_source, weights), model.cfg.n_layers, cfg.max_draft_len)
-    if len(sets) > 1:
+    if len(sets) > 1 or empty:
         result["sources"] = per_source
+    if empty:
+        result["sources_without_validation_samples"] = empty
     first = next(iter(sets.values()))
     if cfg.decode_prompts and "best" in result:
         n = min(cfg.decode_prompts, len(first))
