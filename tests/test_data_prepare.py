@@ -238,6 +238,9 @@ def test_out_is_never_lost(corpus, tokenizer_dir, tmp_path):
     prepare_dataset(out, inputs=[str(corpus / "dir")], **{**kw, "val_fraction": 0.0})
     assert not (out / "val-000000.tar").exists() or json.loads((out / "manifest.json").read_text())["splits"]["val"]["shards"]
     assert not [p for p in out.iterdir() if p.name.startswith(".prepare-staging")]
+    with pytest.raises(ValueError, match="holds a dataset; --tokenizer-only would replace"):
+        prepare_dataset(out, inputs=[str(corpus / "dir")], vocab_size=280, tokenizer_only=True)
+    prepare_dataset(tokenizer_dir, inputs=[str(corpus / "lines")], vocab_size=300, tokenizer_only=True)  # rerun: fine
 
 
 @pytest.mark.parametrize("count,dtype", [(7, np.uint16), (50, np.uint32)])

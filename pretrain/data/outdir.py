@@ -39,8 +39,9 @@ def _is_ours(out: Path) -> bool:
     except (OSError, ValueError):
         manifest = None
     entries = [p.name for p in out.iterdir()]
-    if not isinstance(manifest, dict) or "format" not in manifest:  # no dataset: only parts / staging
-        return all(n == PARTS_DIR or n.startswith(STAGING_PREFIX) for n in entries)
+    if not isinstance(manifest, dict) or "format" not in manifest:  # no dataset: parts, staging, a tokenizer
+        return all(n in (PARTS_DIR, "tokenizer.json", "tokenizer_config.json") or n.startswith(STAGING_PREFIX)
+                   for n in entries)
     return all(_is_dataset_entry(n) for n in entries)
 
 

@@ -124,6 +124,9 @@ def prepare_dataset(out: str | Path = DEFAULT_OUT, *, inputs: Sequence[str] | No
         choice = trained_tokenizer(texts, vocab_size, tokenizer_sample_bytes)
         del texts
     if tokenizer_only:
+        if (out / "manifest.json").exists() and not overwrite:
+            raise ValueError(f"--out {out} holds a dataset; --tokenizer-only would replace its tokenizer.json. "
+                             "Choose another --out (or pass --overwrite)")
         out.mkdir(parents=True, exist_ok=True)
         for name, data in choice.files.items():
             atomic_write(out / name, data)
