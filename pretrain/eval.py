@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.inference import load_model, resolve_checkpoint
+from pretrain.checkpoint.inference import resolve_checkpoint
+from pretrain.model_loading import load_model
 from pretrain.data.dataset import PackedDataset
 from pretrain.config import EvalConfig
 from pretrain.device import select_device

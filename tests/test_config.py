@@ -1,19 +1,14 @@
 """Hydra composition, overrides, presets, and early, clear errors for bad values."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from pretrain.config import ConfigError, RunConfig, to_run_config
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from pretrain.config import ConfigError, RunConfig, compose_run_config
 
 
 def compose_run(*overrides: str) -> RunConfig:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=list(overrides)))
+    return compose_run_config(list(overrides))[0]
 
 
 def test_defaults_compose_and_overrides_apply():

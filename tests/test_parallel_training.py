@@ -109,7 +109,7 @@ def test_dp2_to_dp4_and_back_over_two_launcher_nodes(runs):
 
 def test_hf_export_from_a_tp2_pp2_checkpoint(runs, tmp_path):
     """The distributed checkpoint loads into one process (DCP reshards) and exports to the HF layout."""
-    from pretrain.checkpoint.inference import load_model
+    from pretrain.model_loading import load_model
     from pretrain.hf_interop import load_hf_checkpoint, save_hf_checkpoint
 
     ckpt = runs["tmp"] / "reshard_tppp" / "checkpoints" / "step_00000003"
