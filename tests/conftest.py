@@ -60,3 +60,15 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture
 def tiny_model() -> LayerSkipTransformer:
     return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """Prepared stdlib data for training runs: 40 files, vocabulary 512, samples of 32 tokens."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    subprocess.run([sys.executable, "-m", "pretrain.data.prepare", "--out", str(out), "--max-files", "40",
+                    "--vocab-size", "512", "--seq-len", "32"], check=True, capture_output=True, timeout=300)
+    return out

@@ -47,12 +47,10 @@ def metrics_losses(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, prepared_data):
     """All launches of this module, in dependency order; the tests check their parts."""
     tmp = tmp_path_factory.mktemp("ptrain")
-    data = tmp / "stdlib"
-    subprocess.run([sys.executable, "-m", "pretrain.data.prepare", "--out", str(data), "--max-files", "40",
-                    "--vocab-size", "512", "--seq-len", "32"], check=True, capture_output=True, timeout=300)
+    data = prepared_data
     out = {"tmp": tmp, "data": data}
     reference = train(run_config(data, tmp / "single", "train.peak_flops=1e12"))["losses"]
     out["single"] = {str(k): v for k, v in reference.items()}
