@@ -3,12 +3,14 @@ import json
 
 import pytest
 import torch
-from test_decoding import make_model, one_thread, reference_greedy  # noqa: F401
+from conftest import make_model, reference_greedy
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pretrain import generate as cli
 
 WORDS = ["<|endoftext|>"] + [f"w{i}" for i in range(63)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(text):

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from pretrain.config import RunConfig  # noqa: E402
 from pretrain.data.loader import rank_slice  # noqa: E402
@@ -18,6 +19,7 @@ from pretrain.layerskip.plan import StepPlan, step_plan  # noqa: E402
 from pretrain.model import LayerSkipTransformer  # noqa: E402
 from pretrain.trainer.build import build_optimizer, learning_rate_at as lr_at  # noqa: E402
 from launch import report  # noqa: E402,F401  (the scripts' RESULT line)
+from conftest import tiny_model_config  # noqa: E402  (the tests' one tiny-model builder)
 
 torch.set_num_threads(1)
 
@@ -25,10 +27,7 @@ torch.set_num_threads(1)
 def tiny_config(*, steps: int = 3, global_batch: int = 8, micro_batch: int = 2, seq_len: int = 16,
                 p_max: float = 0.5, tie: bool = False, adam_eps: float = 1e-8,
                 activation_checkpointing: bool = False, checkpoint_heads: bool = False, **parallel) -> RunConfig:
-    cfg = RunConfig()
-    m = cfg.model
-    m.vocab_size, m.dim, m.n_layers, m.n_heads, m.n_kv_heads = 64, 32, 4, 4, 2
-    m.ffn_dim, m.max_seq_len, m.tie_embeddings = 64, 32, tie
+    cfg = RunConfig(model=tiny_model_config(vocab_size=64, tie_embeddings=tie))
     tr = cfg.train
     tr.steps, tr.global_batch_size, tr.micro_batch_size, tr.seq_len, tr.device = steps, global_batch, micro_batch, seq_len, "cpu"
     tr.activation_checkpointing = activation_checkpointing
