@@ -227,7 +227,7 @@ def validate(cfg: RunConfig) -> None:
     for key in ("dp_replicate", "dp_shard", "tp", "pp", "virtual_stages"):
         value = getattr(cfg.parallel, key)
         _require(value >= 1, f"parallel.{key}", value, "must be >= 1")
-    dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
+    dp = parallel_dims(cfg.parallel).dp
     _require(tr.global_batch_size % dp == 0, "train.global_batch_size", tr.global_batch_size,
              f"not divisible by the data-parallel degree dp_replicate·dp_shard={dp}")
     _require((tr.global_batch_size // dp) % tr.micro_batch_size == 0, "train.global_batch_size",
@@ -251,6 +251,12 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(ev, key) >= 0, f"eval.{key}", getattr(ev, key), "must be >= 0")
 
 
+def parallel_dims(par: ParallelConfig) -> ParallelDims:
+    """The degrees as configured (check_layout resolves the schedule and micro-batches)."""
+    return ParallelDims(dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, tp=par.tp, pp=par.pp,
+                        pp_schedule=par.pp_schedule, virtual_stages=par.virtual_stages)
+
+
 def check_tensor_parallel_widths(model_cfg: ModelConfig, tp: int, tp_key: str = "parallel.tp") -> None:
     """Every width tensor parallelism shards must divide by tp."""
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
@@ -264,8 +270,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> ParallelDims:
     par, m, tr = cfg.parallel, cfg.model, cfg.train
     for key in ("dp_replicate", "dp_shard", "tp", "pp", "virtual_stages"):
         _require(getattr(par, key) >= 1, f"parallel.{key}", getattr(par, key), "must be >= 1")
-    dims = ParallelDims(dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, tp=par.tp, pp=par.pp,
-                        pp_schedule=par.pp_schedule, virtual_stages=par.virtual_stages)
+    dims = parallel_dims(par)
     _require(dims.world_size == world_size, "parallel",
              f"dp_replicate={par.dp_replicate} dp_shard={par.dp_shard} tp={par.tp} pp={par.pp}",
              f"dp_replicate·dp_shard·tp·pp = {dims.world_size} but the job has world size {world_size} "

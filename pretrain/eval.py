@@ -21,7 +21,7 @@ from pretrain.data.dataset import PackedDataset
 from pretrain.config import EvalConfig
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import format_eval_table
-from pretrain.evaluation.run import evaluate
+from pretrain.evaluation.evaluate import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import TrainBatches
 from pretrain.device import synchronize
 from pretrain.evaluation.early_exit_eval import format_eval_table
-from pretrain.evaluation.run import evaluate
+from pretrain.evaluation.evaluate import evaluate
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
 from pretrain.metrics.logger import MetricsLogger
