@@ -21,14 +21,21 @@ SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES
 
 
 @dataclass
-class ParallelDims:
+class ParallelConfig:
+    """The degrees as a run configures them (its `parallel` keys)."""
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
     pp: int = 1
-    pp_schedule: str = "1F1B"
-    microbatches: int = 1      # pipeline micro-batches per step and data-parallel rank
-    virtual_stages: int = 1    # pipeline stages held by each pp rank
+    pp_schedule: str = "1F1B"      # GPipe, 1F1B or Interleaved1F1B
+    microbatches: int = 0          # pipeline micro-batches per step and data-parallel rank; 0 = per-rank
+                                   # batch / train.micro_batch_size
+    virtual_stages: int = 1        # pipeline stages held by each pp rank
+
+
+@dataclass
+class ParallelDims(ParallelConfig):
+    """The degrees as resolved (pretrain.config.check_layout), the device, and this rank's view."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: DeviceMesh | None = None
     _groups: dict = field(default_factory=dict, repr=False)

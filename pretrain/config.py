@@ -7,6 +7,7 @@ against the launched world size); pretrain.trainer.preflight adds the checks tha
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from parallel.dims import MULTI_STAGE_SCHEDULES, SCHEDULES, SINGLE_STAGE_SCHEDULES, ParallelDims, canonical_schedule
+from parallel.dims import (MULTI_STAGE_SCHEDULES, SCHEDULES, SINGLE_STAGE_SCHEDULES, ParallelConfig, ParallelDims,
+                           canonical_schedule)
 from pretrain.model.config import ModelConfig
 from schedules.exit_loss import CURRICULA, IMPORTANCE_KINDS
 from schedules.layer_dropout import DEPTH_SCALES, TIME_SCALES
@@ -119,17 +121,6 @@ class LoggingConfig:
     every: int = 10
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-@dataclass
-class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
-    pp_schedule: str = "1F1B"      # GPipe, 1F1B or Interleaved1F1B
-    microbatches: int = 0          # pipeline micro-batches; 0 = global batch / micro_batch_size
-    virtual_stages: int = 1
 
 
 @dataclass
@@ -253,8 +244,7 @@ def validate(cfg: RunConfig) -> None:
 
 def parallel_dims(par: ParallelConfig) -> ParallelDims:
     """The degrees as configured (check_layout resolves the schedule and micro-batches)."""
-    return ParallelDims(dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, tp=par.tp, pp=par.pp,
-                        pp_schedule=par.pp_schedule, virtual_stages=par.virtual_stages)
+    return ParallelDims(**dataclasses.asdict(par))
 
 
 def check_tensor_parallel_widths(model_cfg: ModelConfig, tp: int, tp_key: str = "parallel.tp") -> None:

@@ -64,10 +64,3 @@ def test_no_upward_imports():
               if LAYER_OF.get(dst, 99) >= LAYER_OF.get(src, -1)]
     assert not upward, "\n".join(upward)
 
-
-def test_the_checker_sees_an_upward_import(tmp_path):
-    """The parser itself: an upward import in a module is found."""
-    tree = ast.parse("def f():\n    from pretrain.trainer.loop import train\n")
-    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert [unit_of(n) for n in names] == ["pretrain.trainer"]
-    assert LAYER_OF["pretrain.trainer"] > LAYER_OF["parallel"] > LAYER_OF["pretrain.model"]
