@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, generate
 from pretrain.decoding.compiled import COMPILE_MODES
+from pretrain.model_loading import load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -174,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from parallel.mesh import local_rank
     from pretrain.device import select_device
-    from pretrain.model_loading import load_model
 
     try:
         prompts = read_prompts(args)

@@ -30,7 +30,7 @@ def tokenizer_file(tmp_path_factory):
 def fake_checkpoint(monkeypatch, tokenizer_file):
     """The loader returns a small model in memory: no dependence on the checkpoint format."""
     model = make_model()
-    monkeypatch.setattr(cli, "load_checkpoint", lambda path, device: (model, tokenizer_file))
+    monkeypatch.setattr(cli, "load_model", lambda path, device: (model, tokenizer_file))
     return model
 
 
