@@ -1,6 +1,6 @@
 """Run several parallel layouts of one world size in a single torchrun launch and compare each
-with the single-process trainer: loss and per-exit losses at every step, final parameters, and
-the pipeline's exit-head replicas.
+(the Trainer) with a one-process reference step written without the trainer (common.reference_step):
+loss and per-exit losses at every step, final parameters, and the pipeline's exit-head replicas.
 
     torchrun --nproc-per-node 2 tests/parallel_scripts/equality.py tp=2 pp=2,pp_schedule=1F1B ...
 
