@@ -33,13 +33,13 @@ def init_process_group(device: torch.device, timeout_s: float = 600.0) -> None:
                             **kwargs)
 
 
-def setup_parallel(dims: ParallelDims) -> bool:
+def setup_parallel(dims: ParallelDims, timeout_s: float = 600.0) -> bool:
     """For more than one process: create the process group, unless one exists, and the mesh.
     Returns whether this call created the process group."""
     if not dims.distributed:
         return False
     created = not dist.is_initialized()
-    init_process_group(dims.device)
+    init_process_group(dims.device, timeout_s)
     dims.build_mesh()
     return created
 
