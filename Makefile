@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test bench bench-decoding clean
+.PHONY: setup demo-data demo test bench bench-decoding ablation clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +42,13 @@ bench-decoding: demo-data
 		optim.warmup_steps=60 logging.progress_bar=false logging.every=100 logging.wandb.mode=disabled \
 		eval.decode_prompts=0 checkpoint.every=250
 	$(PY) -m bench.decoding_speedup --checkpoint runs/bench_decode
+
+# The LayerSkip ablation (issue 14): baseline, layer dropout only, early-exit loss only, both, and
+# continual pretraining of the baseline, on the demo corpus; sized by flags (--steps, --layers, --dim).
+# Writes bench/results/ablation.md and the figures in bench/results/ablation/ (~1 h on 2 busy cores).
+ablation: setup
+	test -f data/demo/manifest.json || $(MAKE) demo-data
+	OMP_NUM_THREADS=1 $(PY) -m bench.ablation --reuse --notes bench/results/ablation_notes.md
 
 clean:
 	rm -rf runs data/demo .pytest_cache

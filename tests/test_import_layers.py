@@ -11,9 +11,9 @@ LAYERS = [  # lowest first
     {"pretrain.model"},
     {"parallel"},                                   # never imports the config or the trainer
     {"pretrain.config"},
-    {"pretrain.layerskip", "pretrain.data", "pretrain.metrics", "pretrain.decoding", "pretrain.checkpoint"},
+    {"pretrain.layerskip", "pretrain.data", "pretrain.decoding", "pretrain.checkpoint"},
     {"pretrain.hf_interop", "pretrain.evaluation"},  # hf_interop reads/writes beside checkpoint, not under it
-    {"pretrain.model_loading"},                      # our checkpoints or HF directories
+    {"pretrain.model_loading", "pretrain.metrics"},  # our checkpoints or HF directories; logs (eval media)
     {"pretrain.trainer"},
     {"pretrain.train", "pretrain.eval", "pretrain.generate", "pretrain.hf_interop.__main__"},  # entry points
 ]
