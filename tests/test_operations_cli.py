@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from pretrain.checkpoint.store import list_checkpoints
-from pretrain.config import ConfigError, to_run_config
+from pretrain.config import ConfigError, compose_run_config
 from pretrain.operations.exit_codes import EXIT_NONFINITE, EXIT_REQUEUE, NonFiniteStop, RunInterrupted
 from pretrain.operations.run_lock import RunLock
 from pretrain.trainer.loop import train
@@ -48,8 +47,7 @@ def args(data_dir, run_dir, *extra):
 
 
 def config(data_dir, run_dir, *extra):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=args(data_dir, run_dir, *extra)))
+    return compose_run_config(args(data_dir, run_dir, *extra))[0]
 
 
 def cli(data_dir, run_dir, *extra, **kw):
@@ -219,7 +217,7 @@ def test_interrupted_final_evaluation_runs_on_the_rerun(data_dir, tmp_path):
 
 
 def test_checkpoint_dir_outside_the_run_directory(data_dir, tmp_path):
-    from pretrain.checkpoint.inference import load_model
+    from pretrain.model_loading import load_model
 
     shared = tmp_path / "shared" / "ckpts"
     run_dir = tmp_path / "run"

@@ -1,78 +1,61 @@
-"""The training loop: plan the step, run it, log, evaluate, checkpoint; resumable exactly."""
+"""The training loop: check everything, then plan each step, run it, log, evaluate, checkpoint;
+resumable exactly. What keeps a long run safe on a shared cluster (run lock, resume fallback,
+signals and time limit, non-finite guard, hang watchdog, asynchronous checkpoints) is
+pretrain/operations/; the loop calls it at the points marked `ops.` (see
+pretrain/operations/session.py)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from pretrain.checkpoint.store import load_checkpoint
 from pretrain.checkpoint.writer import CheckpointWriter
-from pretrain.config import ConfigError, RunConfig
+from pretrain.config import RunConfig
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import TrainBatches
+from pretrain.data.sources import source_list
 from pretrain.device import synchronize
 from pretrain.evaluation.early_exit_eval import format_eval_table
-from pretrain.evaluation.run import evaluate
+from pretrain.evaluation.evaluate import evaluate
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
 from pretrain.metrics.logger import MetricsLogger, write_text_atomic
 from pretrain.operations.nonfinite import finite_tree
-from pretrain.operations.run_dir import write_run_record
 from pretrain.operations.session import RunOperations
-from pretrain.trainer.build import build_model, init_model_config, set_learning_rate
-from parallel.mesh import setup_parallel, teardown_parallel
-from parallel.runtime import build_trainer
-from schedules.lr import learning_rate
+from pretrain.trainer.build import build_model, learning_rate_at
+from pretrain.trainer.preflight import CheckedRun, check_run
+from pretrain.trainer.trainer import Trainer
+from parallel.mesh import launched_world_size, setup_parallel, teardown_parallel
 
 
-
-def check_data_matches(cfg: RunConfig, data: PackedDataset) -> None:
-    if data.seq_len != cfg.train.seq_len:
-        raise ConfigError(f"train.seq_len={cfg.train.seq_len} but the data in data.dir={cfg.data.dir!r} "
-                          f"was packed with seq_len={data.seq_len}; re-run prepare or set train.seq_len")
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({data.vocab_size}) in data.dir={cfg.data.dir!r}")
-
-
-def run_evaluation(cfg: RunConfig, model, val: PackedDataset, device, logger: MetricsLogger,
-                   step: int, run_dir: Path) -> dict:
-    result = evaluate(model, val, device, cfg.eval)
-    result["step"] = step
-    logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
-                "best": result.get("best", {}), "decoding": result.get("decoding", {})}, kind="eval")
-    if finite_tree(result):  # a non-finite number never reaches eval.json
-        write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2))
-    else:
-        logger.write(f"warning: evaluation at step {step} gave non-finite values; eval.json not written")
-    return result
+def write_run_files(run: CheckedRun, config_yaml: str, extra_files: dict[str, str]) -> None:
+    """What the run directory records (rank 0; after every check has passed): the resolved config,
+    the tokenizer, and `extra_files` (relative path -> text, e.g. the composed Hydra config); each
+    file replaced atomically."""
+    run_dir = Path(run.cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", config_yaml)
+    for rel, text in extra_files.items():
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / rel, text)
+    tokenizer = Path(source_list(run.cfg.data)[0][1]) / "tokenizer.json"  # sources share one tokenizer
+    if tokenizer.is_file():
+        write_text_atomic(run_dir / "tokenizer.json", tokenizer.read_text(encoding="utf-8"))
 
 
-def evaluate_on_main(cfg: RunConfig, trainer, val: PackedDataset, device, logger: MetricsLogger,
-                     step: int, run_dir: Path) -> dict:
-    """Evaluate on rank 0 (under a parallel layout, on the whole model gathered there; the
-    other ranks wait). Returns {} on the other ranks."""
-    model = trainer.evaluation_model()
-    result = {} if model is None else run_evaluation(cfg, model, val, device, logger, step, run_dir)
-    trainer.barrier()
-    return result
-
-
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig, extra_files: dict[str, str] | None = None) -> dict:
     """Run (or resume) training; returns a summary with the per-step losses of this invocation.
-    Raises RunInterrupted (exit 75) after writing a checkpoint on a signal or at the time limit."""
-    run_dir = Path(cfg.run_dir)
-    cfg = dataclasses.replace(cfg, model=init_model_config(cfg))
-    # Checks the parallel layout against the launched world size, then (several processes)
-    # creates the process group and the device mesh.
-    ctx, created_group = setup_parallel(cfg)
+    Every check runs first (ConfigError naming the key, nothing written); then, with several
+    processes, the process group and the device mesh are created. Raises RunInterrupted (exit 75)
+    after writing a checkpoint on a signal or at the time limit."""
+    run = check_run(cfg, launched_world_size())
+    created_group = setup_parallel(run.dims, run.cfg.train.collective_timeout_s)
     try:
-        summary = _train(cfg, ctx, run_dir)
+        summary = _train(run, extra_files or {})
     except BaseException:
         if created_group:
             teardown_parallel(wait_for_peers=False)
@@ -84,58 +67,82 @@ def train(cfg: RunConfig) -> dict:
     return summary
 
 
-def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:
-    device = ctx.device
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    train_data = PackedDataset(cfg.data.dir, "train")
-    val_data = PackedDataset(cfg.data.dir, "val")
-    check_data_matches(cfg, train_data)
+def evaluate_on_main(cfg: RunConfig, trainer: Trainer, val: dict[str, PackedDataset], logger: MetricsLogger,
+                     step: int) -> dict:
+    """Evaluate on rank 0 (under a parallel layout, on the whole model gathered there; the
+    other ranks wait). Writes eval.json (never with a non-finite number); returns {} on the other
+    ranks."""
+    model = trainer.evaluation_model()
+    result = {}
+    if model is not None:
+        result = {**evaluate(model, val, trainer.dims.device, cfg.eval), "step": step}
+        logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
+                    "best": result.get("best", {}), "decoding": result.get("decoding", {}),
+                    "sources": result.get("sources", {})}, kind="eval")
+        if finite_tree(result):
+            write_text_atomic(Path(cfg.run_dir) / "eval.json", json.dumps(result, indent=2))
+        else:
+            logger.write(f"warning: evaluation at step {step} gave non-finite values; eval.json not written")
+    trainer.barrier()
+    return result
 
-    trainer = build_trainer(cfg, ctx, build_model(cfg, device))
-    batches = TrainBatches(train_data, cfg.train.global_batch_size, cfg.train.seed, dp_rank=ctx.dp_rank,
-                           dp_size=ctx.dp_size, prefetch=2 if cfg.data.prefetch else 0)
-    # ---- operations: lock + run-directory checks before anything in it is written
-    ops = RunOperations(cfg, run_dir, ctx.rank, ctx.layout.world_size, trainer.all_reduce_max,
-                        report=lambda line: print(line, flush=True) if ctx.is_main else None)
+
+def final_eval_done(run_dir: Path, steps: int) -> bool:
+    """eval.json holds the final evaluation (a run killed during it has none: the rerun evaluates)."""
+    try:
+        return json.loads((run_dir / "eval.json").read_text()).get("step") == steps - 1
+    except (OSError, ValueError):
+        return False
+
+
+def _train(run: CheckedRun, extra_files: dict[str, str]) -> dict:
+    cfg, dims = run.cfg, run.dims
+    trainer = Trainer(cfg, dims, build_model(cfg))
+    # ops: the run lock and the run-directory checks, before anything in it is written
+    ops = RunOperations(cfg, Path(cfg.run_dir), dims.rank, dims.world_size, trainer.all_reduce_max,
+                        report=lambda line: print(line, flush=True) if dims.is_main else None)
     ops.open()
     try:
-        return _train_locked(cfg, ctx, run_dir, ops, trainer, batches, val_data, config_yaml)
+        return _train_locked(run, extra_files, trainer, ops)
     finally:
         ops.close()
 
 
-def _train_locked(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batches, val_data,
-                  config_yaml: str) -> dict:
-    device = ctx.device
+def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer, ops: RunOperations) -> dict:
+    cfg, dims = run.cfg, run.dims
+    run_dir = Path(cfg.run_dir)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    batches = TrainBatches(run.train_data, cfg.train.global_batch_size, cfg.train.seed, dp_rank=dims.dp_rank,
+                           dp_size=dims.dp, prefetch=2 if cfg.data.prefetch else 0)
     load = lambda path: load_checkpoint(path, trainer.model_parts, trainer.optimizer_parts)  # noqa: E731
-    ckpt, state = ops.resume(load)
+    resumed, state = ops.resume(load)  # the newest checkpoint that loads
     start_step, run_id = 0, None
-    if ckpt is not None:
+    if resumed is not None:
         batches.load_state_dict(state["data"])
         start_step, run_id = state["step"], state.get("wandb_run_id")
-    if ctx.is_main:  # every check passed: now the run directory is written
-        write_run_record(run_dir, config_yaml, Path(cfg.data.dir) / "tokenizer.json")
+    if dims.is_main:
+        write_run_files(run, config_yaml, extra_files)
 
-    logger = MetricsLogger(run_dir, cfg.logging, enabled=ctx.is_main,
+    logger = MetricsLogger(run_dir, cfg.logging, enabled=dims.is_main,
                            run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                            total_steps=cfg.train.steps, start_step=start_step, run_id=run_id)
-    if ckpt is not None:
-        logger.write(f"resumed from {ckpt} at step {start_step}")
+    if resumed is not None:
+        logger.write(f"resumed from {resumed} at step {start_step}")
     writer = CheckpointWriter(async_save=cfg.checkpoint.async_save)
-    trainer.apply_update = ops.guard
+    trainer.apply_update = ops.guard  # the non-finite guard decides whether the optimizer steps
     ops.start(writer)
     try:
-        return _loop(cfg, ctx, run_dir, ops, trainer, batches, val_data, config_yaml, logger, writer,
-                     load, start_step)
+        return _loop(run, trainer, ops, batches, logger, writer, load, start_step, config_yaml)
     except BaseException:
         with contextlib.suppress(BaseException):  # let a save in flight (finite weights) complete
             writer.close()
         raise
 
 
-def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batches, val_data, config_yaml: str,
-          logger: MetricsLogger, writer: CheckpointWriter, load, start_step: int) -> dict:
-    device = ctx.device
+def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, batches: TrainBatches, logger: MetricsLogger,
+          writer: CheckpointWriter, load, start_step: int, config_yaml: str) -> dict:
+    cfg, dims = run.cfg, run.dims
+    run_dir, device = Path(cfg.run_dir), dims.device
 
     def save(done: int, blocking: bool) -> None:
         ops.save(lambda b: writer.save(run_dir, done, trainer.model_parts, trainer.optimizer_parts,
@@ -153,10 +160,8 @@ def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batch
         if step >= end:
             break
         plan = step_plan(cfg, step)
-        lr = learning_rate(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
-                           total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio,
-                           decay=cfg.optim.decay)
-        set_learning_rate(trainer.optimizer, lr)
+        lr = learning_rate_at(cfg, step)
+        trainer.optimizer.set_learning_rate(lr)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         ops.before_step(step)
         started = time.perf_counter()
@@ -171,29 +176,30 @@ def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batch
                         "nonfinite_skipped": ops.guard.skipped}, kind="nonfinite",
                        console=f"step {step:>6d} skipped (non-finite guard): loss {result.loss}, grad norm "
                                f"{result.grad_norm} ({ops.guard.skipped} skipped so far)")
-        if ops.after_step(elapsed) == "rollback":
+        if ops.after_step(elapsed) == "rollback":  # raises NonFiniteStop per train.nonfinite_policy
             ops.rollback(load, step)
         if not result.skipped and (done % cfg.logging.every == 0 or done == cfg.train.steps):
             tokens_per_s = result.tokens / elapsed
             # FLOPs actually run: block-rows not dropped, exit heads only where on
             flops = step_flops(cfg.model, cfg.train.seq_len, result.rows_run,
                                cfg.train.global_batch_size * len(plan.exit_weights))
-            util = mfu(flops, elapsed, cfg.train.peak_flops, ctx.layout.world_size)
+            util = mfu(flops, elapsed, cfg.train.peak_flops, dims.world_size)
             logger.log({"step": step, "loss": result.loss,
                         "exit_loss": {str(l): v for l, v in result.exit_losses.items()},
                         "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
                         "step_time_s": elapsed, "tflops_per_s": flops / elapsed / 1e12,
                         **({"mfu": util} if util is not None else {}),
                         "blocks_run_fraction": result.rows_run / max(result.rows_total, 1),
-                        "layer_dropout_rate": list(plan.drop_rates)},
+                        "layer_dropout_rate": list(plan.drop_rates),
+                        "tokens_seen": batches.tokens_seen(done)},
                        console=f"step {step:>6d} loss {result.loss:.4f} "
                                f"(exit {cfg.model.n_layers}: {result.exit_losses[cfg.model.n_layers]:.4f}) "
                                f"lr {lr:.2e} gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}"
                                + (f" mfu {100 * util:.1f}%" if util is not None else ""))
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
             with ops.suspended():
-                eval_result = evaluate_on_main(cfg, trainer, val_data, device, logger, step, run_dir)
-        decision = ops.boundary(done)
+                eval_result = evaluate_on_main(cfg, trainer, run.val_data, logger, step)
+        decision = ops.boundary(done)  # one all-reduce: a signal, the time limit, a periodic save
         scheduled = bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
         # no routine checkpoint during a run of non-finite steps: the newest one stays the last good one
         if ((scheduled or decision.save) and ops.guard.clean) or decision.stop or done == end:
@@ -203,20 +209,12 @@ def _loop(cfg: RunConfig, ctx, run_dir: Path, ops: RunOperations, trainer, batch
             break
     writer.close()
     final_eval_pending = start_step < end == cfg.train.steps or \
-        (end == cfg.train.steps and ops.agree([float(ctx.is_main and not final_eval_done(run_dir, end))])[0] > 0)
+        (end == cfg.train.steps and ops.agree([float(dims.is_main and not final_eval_done(run_dir, end))])[0] > 0)
     if interrupted is None and final_eval_pending:
         with ops.suspended():
-            eval_result = evaluate_on_main(cfg, trainer, val_data, device, logger, cfg.train.steps - 1, run_dir)
+            eval_result = evaluate_on_main(cfg, trainer, run.val_data, logger, cfg.train.steps - 1)
         if eval_result:
             logger.write(format_eval_table(eval_result))
     logger.close()
     return {"losses": losses, "eval": eval_result, "run_dir": str(run_dir), "interrupted": interrupted,
             "nonfinite_skipped": ops.guard.skipped}
-
-
-def final_eval_done(run_dir: Path, steps: int) -> bool:
-    """eval.json holds the final evaluation (a run killed during it has none: the rerun evaluates)."""
-    try:
-        return json.loads((run_dir / "eval.json").read_text()).get("step") == steps - 1
-    except (OSError, ValueError):
-        return False
