@@ -9,6 +9,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from pretrain.model import LayerSkipTransformer, ModelConfig  # noqa: E402
 
+pytest_plugins = ["device_plugin"]  # the `device` fixture and marker (make gpu-check)
+
 
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:

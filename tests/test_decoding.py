@@ -27,7 +27,8 @@ def reference_greedy(model, prompt, n, eos=None, exit_layer=None):
     """Independent of pretrain.decoding: no cache, the whole forward recomputed for every token."""
     tokens = list(prompt)
     for _ in range(n):
-        nxt = int(model.logits(torch.tensor([tokens]), exit_layer=exit_layer)[0, -1].argmax())
+        ids = torch.tensor([tokens], device=model.tok_embeddings.weight.device)
+        nxt = int(model.logits(ids, exit_layer=exit_layer)[0, -1].argmax())
         tokens.append(nxt)
         if nxt == eos:
             break
@@ -49,8 +50,8 @@ NEW = 16
 
 
 @pytest.fixture(scope="module")
-def model():
-    return make_model()
+def model(device):
+    return make_model().to(device)
 
 
 @pytest.fixture(scope="module")

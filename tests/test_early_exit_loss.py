@@ -11,14 +11,15 @@ from pretrain.layerskip.plan import StepPlan
 from pretrain.trainer.step import forward_backward, split_micro_batches
 
 
-def make_batch(n=8, t=12, vocab=97, seed=0):
+def make_batch(n=8, t=12, vocab=97, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(0, vocab, (n, t + 1), generator=g)
-    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(40, 40 + n)}
+    seq = torch.randint(0, vocab, (n, t + 1), generator=g).to(device)
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(40, 40 + n, device=device)}
 
 
-def test_loss_is_weighted_sum_of_exit_cross_entropies(tiny_model):
-    batch = make_batch()
+def test_loss_is_weighted_sum_of_exit_cross_entropies(tiny_model, device):
+    tiny_model.to(device)
+    batch = make_batch(device=device)
     weights = {2: 0.25, 4: 0.75}
     hiddens = tiny_model(batch["tokens"], exits=weights)
     loss, per_exit = early_exit_loss(tiny_model.exit_logits, hiddens, batch["targets"], weights,
@@ -50,10 +51,11 @@ def _grads_for_split(model, plan, batch, micro):
 
 
 @pytest.mark.parametrize("checkpoint_heads", [False, True])
-def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_heads):
+def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_heads, device):
+    tiny_model.to(device)
     plan = StepPlan(step=3, drop_rates=(0.0, 0.2, 0.4, 0.6), exit_weights={1: 0.1, 3: 0.3, 4: 0.6},
                     dropout_seed=5)
-    batch = make_batch(n=8)
+    batch = make_batch(n=8, device=device)
     # Independent computation: whole batch at once, loss written out per exit with a token mean.
     ref_model = copy.deepcopy(tiny_model)
     keep = plan.keep_masks(batch["sample_ids"])

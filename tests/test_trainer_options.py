@@ -11,18 +11,18 @@ from pretrain.trainer.build import build_optimizer
 from pretrain.trainer.step import train_step
 
 
-def batch(n=4, t=12, vocab=97):
+def batch(n=4, t=12, vocab=97, device="cpu"):
     g = torch.Generator().manual_seed(3)
-    seq = torch.randint(0, vocab, (n, t + 1), generator=g)
-    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(n)}
+    seq = torch.randint(0, vocab, (n, t + 1), generator=g).to(device)
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(n, device=device)}
 
 
 PLAN = StepPlan(step=1, drop_rates=(0.0, 0.3, 0.5, 0.6), exit_weights={2: 0.4, 4: 0.6}, dropout_seed=0)
 
 
-def run(model, dtype="float32", steps=3):
+def run(model, dtype="float32", steps=3, device="cpu"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    b = batch()
+    b = batch(device=device)
     return [train_step(model, opt, StepPlan(step=s, drop_rates=PLAN.drop_rates, exit_weights=PLAN.exit_weights,
                                             dropout_seed=0), b, micro_batch_size=2,
                        step_tokens=b["targets"].numel(), dtype=dtype, grad_clip=1.0) for s in range(steps)]
@@ -38,8 +38,8 @@ def test_activation_checkpointing_is_exact(tiny_model):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
 
 
-def test_bf16_autocast_trains(tiny_model):
-    results = run(tiny_model, dtype="bfloat16", steps=6)
+def test_bf16_autocast_trains(tiny_model, device):
+    results = run(tiny_model.to(device), dtype="bfloat16", steps=6, device=device)
     assert all(torch.isfinite(torch.tensor(r.loss)) for r in results)
     assert results[-1].loss < results[0].loss
 
