@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test bench bench-decoding clean
+.PHONY: setup demo-data demo test bench bench-decoding gpu-check clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +42,12 @@ bench-decoding: demo-data
 		optim.warmup_steps=60 logging.progress_bar=false logging.every=100 logging.wandb.mode=disabled \
 		eval.decode_prompts=0 checkpoint.every=250
 	$(PY) -m bench.decoding_speedup --checkpoint runs/bench_decode
+
+# Everything that needs a GPU, on one accelerator in about 8 minutes: the device tests, bench.mfu on
+# llama_1b (bf16, compile), a 12-layer decoding model trained and benchmarked eager / reduce-overhead /
+# transformers. Summary: bench/results/gpu_check.md. DRY_RUN=1: the same parts on the CPU at toy sizes.
+gpu-check: setup
+	$(PY) -m bench.gpu_check $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# LAYERSKIP_BENCH_RESULTS redirects every result file (bench/gpu_check.py collects its parts' results
+# there, so that a check never overwrites the committed ones)
+RESULTS = Path(os.environ.get("LAYERSKIP_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> str:
@@ -48,7 +50,7 @@ def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warm
 
 def record(name: str, title: str, payload: dict, table: str) -> Path:
     """Write bench/results/<name>.json and .md, with the command that produced them."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python -m bench." + Path(sys.argv[0]).stem + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     meta = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "git": _git_rev()}
