@@ -41,7 +41,8 @@ from pretrain.device import device_name, is_accelerator, select_device
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 # dense bf16 FLOP/s of one device, by product name (MFU is left out for others unless --peak-flops)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# (the first name contained in the device's name counts)
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 @dataclass
@@ -83,7 +84,7 @@ def plan(device: torch.device, work: Path, dry_run: bool, peak_flops: float) -> 
         model = ["model.n_layers=12", "train.steps=1500", "train.global_batch_size=32", "train.micro_batch_size=32",
                  "optim.warmup_steps=60", "checkpoint.every=250"]
         decode = ["--prompts", "4", "--new-tokens", "48", "--exits", "3,6", "--gammas", "2,4", "--repeats", "2"]
-        budgets = dict(a=50, b=130, c1=30, c2=110, c3=70, c4=90)
+        budgets = dict(a=70, b=120, c1=30, c2=110, c3=65, c4=85)
     results = {k: str(work / "results" / k) for k in ("b", "c3", "c4")}
     decode_cmd = ["-m", "bench.decoding_speedup", "--checkpoint", str(run), "--device", dev, "--dtype", "float32",
                   *decode]
@@ -206,7 +207,7 @@ def summary(parts: list[Part], device: torch.device, work: Path, dry_run: bool, 
             "looks like; no number here is a GPU result" if dry_run else f"{device_name(device)}")
     rows = [f"| {p.key} | {p.title} | {p.status} | {p.seconds:.0f} | {p.budget_s:.0f} | {p.result} |" for p in parts]
     rows.append(f"| c5 | identical greedy tokens (c3, c4, transformers) | {c5[0]} | | | {c5[1]} |")
-    return "\n".join([
+    text = "\n".join([
         "# GPU check (make gpu-check)", "",
         f"- device: {kind}",
         f"- machine: {machine()}",
@@ -216,6 +217,7 @@ def summary(parts: list[Part], device: torch.device, work: Path, dry_run: bool, 
         "| part | what | status | time s | budget s | result |", "|---|---|---|---|---|---|", *rows, "",
         "## Commands (run from the repository root with PYTHONPATH=.)", "",
         *[f"- {p.key}: `{p.command()}`" for p in parts], ""])
+    return text.replace(f"{ROOT}/", "")  # paths in the repository, relative to its root
 
 
 def main(argv: list[str] | None = None) -> int:
