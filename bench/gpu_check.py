@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -127,11 +128,16 @@ def run_part(part: Part, timeout: float, log: Path, dry_run: bool) -> None:
         env["OMP_NUM_THREADS"] = "1"
     started = time.perf_counter()
     with log.open("w") as out:
+        # its own process group, so that a part out of time leaves no worker behind (data loaders,
+        # compile workers) holding the device for the next part
+        proc = subprocess.Popen([PY, *part.argv], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run([PY, *part.argv], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout)
-            part.status = "passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            code = proc.wait(timeout=timeout)
+            part.status = "passed" if code == 0 else f"FAILED (exit {code})"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             part.status = f"TIMEOUT after {timeout:.0f} s"
     part.seconds = time.perf_counter() - started
     if not part.status == "passed":
