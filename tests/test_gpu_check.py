@@ -1,6 +1,7 @@
 """make gpu-check: the whole script on the CPU at toy sizes (what `make gpu-check DRY_RUN=1` runs), so
 it cannot rot before a GPU is at hand; a failing or slow part is reported and the next one runs;
 the device the `device`-marked tests run on."""
+import json
 import re
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from bench import gpu_check
-from bench.gpu_check import Part, part_timeout, run_all
+from bench.gpu_check import Part, identical_tokens, part_timeout, run_all
 from device_plugin import DEVICE_ENV, MARKER, chosen_device
 from pretrain.device import select_device
 
@@ -90,3 +91,20 @@ def test_device_tests_run_where_the_environment_says(monkeypatch, request):
 def test_tests_taking_the_device_fixture_are_marked(device, request):
     assert request.node.get_closest_marker(MARKER) is not None
     assert torch.ones(2, device=device).sum().item() == 2
+
+
+def test_identical_tokens_needs_a_configuration_both_decoding_runs_compared(tmp_path):
+    def write(key, rows):
+        (tmp_path / "results" / key).mkdir(parents=True, exist_ok=True)
+        hf = [{"exit_layer": e, "draft_len": g, "identical_tokens": ok} for e, g, ok in rows]
+        (tmp_path / "results" / key / "decoding_speedup.json").write_text(json.dumps({"hf": hf}))
+
+    assert identical_tokens(tmp_path)[0].startswith("skipped")
+    write("c3", [(2, 4, True), (3, 2, True)])
+    write("c4", [(2, 4, True), (6, 4, True)])
+    assert identical_tokens(tmp_path) == ("passed", "eager = reduce-overhead = transformers at E=2 γ=4")
+    write("c4", [(3, 4, True)])                                   # nothing in common: unproven
+    assert identical_tokens(tmp_path)[0] == "FAILED"
+    write("c4", [(2, 4, True), (6, 4, False)])
+    status, line = identical_tokens(tmp_path)
+    assert status == "FAILED" and "transformers differs: c4 E=6 γ=4" in line
