@@ -3,7 +3,6 @@ that fits the device (gloo on the CPU; under `make gpu-check` the accelerator's,
 collectives, and FSDP2 over a one-rank mesh (all-gather and reduce-scatter through that back-end)
 giving the unsharded model's loss and gradients, with layer dropout on."""
 import copy
-import socket
 
 import torch
 import torch.distributed as dist
@@ -11,14 +10,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import init_process_group, teardown_parallel
+from parallel_scripts.launch import free_port
 from pretrain.device import distributed_backend
 from pretrain.layerskip.plan import StepPlan
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_process_group_collectives_and_fsdp(tiny_model, device, monkeypatch):
