@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test bench bench-decoding gpu-check clean
+.PHONY: setup demo-data demo test bench bench-decoding ablation gpu-check clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -48,6 +48,13 @@ bench-decoding: demo-data
 # transformers. Summary: bench/results/gpu_check.md. DRY_RUN=1: the same parts on the CPU at toy sizes.
 gpu-check: setup
 	$(PY) -m bench.gpu_check $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
+
+# The LayerSkip ablation (issue 14): baseline, layer dropout only, early-exit loss only, both, and
+# continual pretraining of the baseline, on the demo corpus; sized by flags (--steps, --layers, --dim).
+# Writes bench/results/ablation.md and the figures in bench/results/ablation/ (~1 h on 2 busy cores).
+ablation: setup
+	test -f data/demo/manifest.json || $(MAKE) demo-data
+	OMP_NUM_THREADS=1 $(PY) -m bench.ablation --reuse --notes bench/results/ablation_notes.md
 
 clean:
 	rm -rf runs data/demo .pytest_cache
