@@ -6,7 +6,7 @@ unknown keys and wrong types; `validate` rejects impossible values, naming the k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -61,8 +61,18 @@ class OptimConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    dir: str = ""                 # a prepared dataset
+    weight: float = 1.0           # share of the training stream: weight / sum of weights
+    name: Optional[str] = None    # in logs and eval; default: the directory's name
+
+
+@dataclass
 class DataConfig:
     dir: str = "data/stdlib"
+    # Several prepared datasets mixed by weight, e.g. '[{dir: data/web, weight: 0.7}, {dir: data/code,
+    # weight: 0.3}]'; when set it replaces `dir`.
+    sources: List[DataSourceConfig] = field(default_factory=list)
     prefetch: bool = True
 
 
@@ -212,6 +222,22 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     _require(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "must be >= 0")
+    validate_data(cfg.data)
     for key in ("dp_replicate", "dp_shard", "tp", "pp", "virtual_stages"):
         value = getattr(cfg.parallel, key)
         _require(value >= 1, f"parallel.{key}", value, "must be >= 1")
+
+
+def validate_data(data: DataConfig) -> None:
+    """data.dir, or data.sources: each with a dir and a finite weight > 0, names unique."""
+    if not data.sources:
+        _require(bool(data.dir), "data.dir", data.dir, "must name a prepared dataset")
+        return
+    seen: set[str] = set()
+    for i, source in enumerate(data.sources):
+        _require(bool(source.dir), f"data.sources[{i}].dir", source.dir, "must name a prepared dataset")
+        _require(source.weight > 0 and source.weight != float("inf"), f"data.sources[{i}].weight", source.weight,
+                 "must be a finite number > 0")
+        _require(not source.name or source.name not in seen, f"data.sources[{i}].name", source.name,
+                 "names must be unique")
+        seen.add(source.name)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint.inference import load_model, resolve_checkpoint
 from pretrain.data.dataset import PackedDataset
+from pretrain.data.sources import validation_sets
 from pretrain.config import EvalConfig
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import format_eval_table
@@ -28,7 +29,8 @@ from pretrain.evaluation.run import evaluate
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_N")
-    parser.add_argument("--data-dir", help="prepared data (default: the run's data.dir)")
+    parser.add_argument("--data-dir", help="prepared data (default: the run's data.dir, or each of its "
+                                           "data.sources, reported per source and overall)")
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-draft-len", type=int, default=8)
@@ -52,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --plot needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
         return 2
     run_cfg = OmegaConf.load(ckpt / "config.yaml")
-    data_dir = args.data_dir or run_cfg.data.dir
     device = select_device(args.device)
     model, _ = load_model(ckpt, device=device)
-    val = PackedDataset(data_dir, "val")
+    val = PackedDataset(args.data_dir, "val") if args.data_dir else validation_sets(run_cfg.data)
     cfg = EvalConfig(batches=args.batches, batch_size=args.batch_size, max_draft_len=args.max_draft_len,
                      decode_prompts=args.decode_prompts, decode_new_tokens=args.decode_new_tokens)
     with torch.no_grad():

@@ -14,6 +14,7 @@ from pretrain.checkpoint.store import find_latest_checkpoint, load_checkpoint, s
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import TrainBatches
+from pretrain.data.sources import open_split, source_list, validation_sets  # data: sources / mixing
 from pretrain.device import synchronize
 from pretrain.evaluation.early_exit_eval import format_eval_table
 from pretrain.evaluation.run import evaluate
@@ -53,7 +54,8 @@ def run_evaluation(cfg: RunConfig, model, val: PackedDataset, device, logger: Me
     result = evaluate(model, val, device, cfg.eval)
     result["step"] = step
     logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
-                "best": result.get("best", {}), "decoding": result.get("decoding", {})}, kind="eval")
+                "best": result.get("best", {}), "decoding": result.get("decoding", {}),
+                "sources": result.get("sources", {})}, kind="eval")  # data: per-source per-exit eval
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -93,10 +95,11 @@ def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
 
-    train_data = PackedDataset(cfg.data.dir, "train")
-    val_data = PackedDataset(cfg.data.dir, "val")
+    # data: one data.dir or data.sources mixed by weight; val_data maps source name -> its val split
+    train_data = open_split(cfg.data, "train")
+    val_data = validation_sets(cfg.data)
     check_data_matches(cfg, train_data)
-    tokenizer = Path(cfg.data.dir) / "tokenizer.json"
+    tokenizer = Path(source_list(cfg.data)[0][1]) / "tokenizer.json"
     if tokenizer.is_file() and ctx.is_main:
         shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
 
@@ -149,7 +152,8 @@ def _train(cfg: RunConfig, ctx, run_dir: Path) -> dict:
                         "step_time_s": elapsed, "tflops_per_s": flops / elapsed / 1e12,
                         **({"mfu": util} if util is not None else {}),
                         "blocks_run_fraction": result.rows_run / max(result.rows_total, 1),
-                        "layer_dropout_rate": list(plan.drop_rates)},
+                        "layer_dropout_rate": list(plan.drop_rates),
+                        "tokens_seen": batches.tokens_seen(done)},  # data: training tokens per source
                        console=f"step {step:>6d} loss {result.loss:.4f} "
                                f"(exit {cfg.model.n_layers}: {result.exit_losses[cfg.model.n_layers]:.4f}) "
                                f"lr {lr:.2e} gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}"
