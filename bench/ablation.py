@@ -38,7 +38,8 @@ import torch
 from bench.ablation_report import write_figures, write_report
 from bench.common import RESULTS, interleaved_medians
 from bench.decoding_speedup import decode_each
-from pretrain.checkpoint.inference import load_model, resolve_checkpoint
+from pretrain.checkpoint.inference import resolve_checkpoint
+from pretrain.model_loading import load_model
 from pretrain.checkpoint.store import find_latest_checkpoint
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import validation_batches
@@ -46,7 +47,6 @@ from pretrain.decoding import DecodeOptions
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import evaluate_exits
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 FROM_SCRATCH = ("baseline", "layer_dropout", "early_exit", "layerskip")
 CONTINUAL = ("continual_plain", "continual_layerskip")
 
@@ -92,9 +92,7 @@ def common_overrides(args, data: PackedDataset, variant: str) -> list[str]:
 def train_variant(args, data: PackedDataset, variant: str, overrides: list[str]) -> float:
     """Train one variant in this process through the same Hydra config as `python -m pretrain.train`;
     returns the wall seconds (0 when a finished run was reused)."""
-    from hydra import compose, initialize_config_dir
-
-    from pretrain.config import to_run_config
+    from pretrain.config import compose_run_config
     from pretrain.trainer.loop import train
 
     run_dir = Path(args.runs_dir) / variant
@@ -108,8 +106,7 @@ def train_variant(args, data: PackedDataset, variant: str, overrides: list[str])
             shutil.rmtree(run_dir)
         elif not args.reuse:
             raise SystemExit(f"error: {run_dir} exists; pass --reuse to keep finished runs or --overwrite")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config", overrides=overrides))
+    cfg, _ = compose_run_config(overrides)
     print(f"[ablation] {variant}: training {steps} steps -> {run_dir}", flush=True)
     started = time.perf_counter()
     train(cfg)

@@ -81,7 +81,7 @@ def plan(device: torch.device, work: Path, dry_run: bool, peak_flops: float) -> 
                   "--repeats", "1"]
         budgets = dict(a=120, b=90, c1=90, c2=120, c3=120, c4=120)
     else:
-        tests = ["tests"]
+        tests = ["tests", "--ignore=tests/slurm"]            # the Slurm-cluster tests take no device
         mfu = ["model=llama_1b", "train.seq_len=2048", "train.global_batch_size=8", "train.micro_batch_size=2",
                "--repeats", "5"]
         corpus = ["--max-bytes", "4000000", "--vocab-size", "4096", "--seq-len", "128", "--val-fraction", "0.03"]

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.inference import load_model, resolve_checkpoint
+from pretrain.checkpoint.inference import resolve_checkpoint
+from pretrain.model_loading import load_model
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.sources import validation_sets
 from pretrain.config import EvalConfig
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import format_eval_table
-from pretrain.evaluation.run import evaluate
+from pretrain.evaluation.evaluate import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

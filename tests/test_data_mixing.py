@@ -168,7 +168,7 @@ def test_config_sources_parse_and_validate(sources):
 
 def test_per_source_evaluation_is_consistent(sources):
     from pretrain.config import EvalConfig
-    from pretrain.evaluation.run import evaluate
+    from pretrain.evaluation.evaluate import evaluate
     from pretrain.model import LayerSkipTransformer, ModelConfig
     torch.manual_seed(0)
     model = LayerSkipTransformer(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
