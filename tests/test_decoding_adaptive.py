@@ -1,5 +1,7 @@
 """Adaptive draft length and dynamic exit: greedy output stays exact, the controllers move the way
 they should."""
+import math
+
 import pytest
 import torch
 from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread, reference_greedy  # noqa: F401
@@ -26,18 +28,21 @@ def test_options_keep_greedy_output_exact(model, expected, options):
         assert len(set(stats.draft_lens)) > 1    # γ varied
 
 
-def test_adaptive_threshold_tunes_toward_target():
-    ctl = AdaptiveDraftLength(threshold=0.5, target_acceptance=0.8)
-    ctl.update(accepted=1, judged=4)      # acceptance 0.25 < 0.8: stricter
-    assert ctl.threshold > 0.5
-    high = ctl.threshold
-    for _ in range(20):
-        ctl.update(accepted=4, judged=4)  # everything accepted: draft longer
-    assert ctl.threshold < high and ctl.threshold >= ctl.min_threshold
+def test_adaptive_threshold_tunes_toward_target_per_row():
+    ctl = AdaptiveDraftLength(threshold=0.5, target_acceptance=0.8).start(3, "cpu")
+    t = torch.tensor
+    # row 0: acceptance 0.25 < 0.8, stricter; row 1: everything accepted, looser; row 2: nothing judged
+    ctl.update(accepted=t([1, 4, 0]), judged=t([4, 4, 0]))
+    assert ctl.thresholds[0] == pytest.approx(0.5 * math.exp(0.8 - 0.25))
+    assert ctl.thresholds[1] == pytest.approx(0.5 * math.exp(0.8 - 1.0))
+    assert ctl.thresholds[2] == 0.5
     for _ in range(50):
-        ctl.update(accepted=0, judged=1)
-    assert ctl.threshold == ctl.max_threshold
-    assert ctl.unsure(torch.tensor([[0.5, 0.5], [0.999, 0.001]])).tolist() == [True, False]
+        ctl.update(accepted=t([0, 4, 0]), judged=t([1, 4, 0]))
+    assert ctl.thresholds.tolist() == pytest.approx([ctl.max_threshold, ctl.min_threshold, 0.5])
+    ctl.select_rows(t([2, 0]))   # row 1 left the batch
+    assert ctl.thresholds.tolist() == pytest.approx([0.5, ctl.max_threshold])
+    assert ctl.unsure(t([[0.4, 0.6], [0.999, 0.001]])).tolist() == [False, False]
+    assert ctl.unsure(t([[0.5, 0.5], [0.9, 0.1]])).tolist() == [False, True]
     with pytest.raises(ValueError, match="target_acceptance"):
         AdaptiveDraftLength(target_acceptance=1.0)
 
