@@ -43,8 +43,13 @@ def test_adaptive_threshold_tunes_toward_target_per_row():
     assert ctl.thresholds.tolist() == pytest.approx([0.5, ctl.max_threshold])
     assert ctl.unsure(t([[0.4, 0.6], [0.999, 0.001]])).tolist() == [False, False]
     assert ctl.unsure(t([[0.5, 0.5], [0.9, 0.1]])).tolist() == [False, True]
+    # the batch drafts on while at least half of its rows do (every row is computed each step)
+    assert [bool(ctl.go_on(t(rows))) for rows in ([True, False, False], [True, True, False], [True], [False])] == \
+        [False, True, True, False]
     with pytest.raises(ValueError, match="target_acceptance"):
         AdaptiveDraftLength(target_acceptance=1.0)
+    with pytest.raises(ValueError, match="min_drafting"):
+        AdaptiveDraftLength(min_drafting=1.5)
 
 
 def test_adaptive_drafts_less_on_a_weak_exit(model):

@@ -6,8 +6,9 @@ token, which has not been run yet (every layer's KV cache holds positions < N-1)
   draft   for i = 0..G-1: blocks [0, E) on the previous token at position N-1+i (writing the early
           blocks' KV), the shared head gives draft d_{i+1}; the exit hidden state goes to the
           exit-query cache. Row b keeps its first γ_b drafts (its own draft length, capped by what
-          it may still commit, cut further by the adaptive draft); G = max γ_b, the other rows'
-          extra drafts ride along and are ignored;
+          it may still commit, cut further by the adaptive draft, which also ends the batch's
+          drafting when too few rows still draft); G = max γ_b, the other rows' extra drafts ride
+          along and are ignored;
   verify  blocks [0, E) on d_G only, the one draft not yet cached, then blocks [E, L) on the G+1
           cached exit hidden states, positions N-1..N-1+G, in one forward; the head gives the
           full model's prediction after each of them;
@@ -71,8 +72,9 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCa
         if adaptive is not None and i > 0:  # one draft always: it is the threshold's feedback
             unsure = (limit > i) & adaptive.unsure(q if q is not None else torch.softmax(logits.float(), -1))
             limit = torch.where(unsure, i, limit)
-            if bool((limit <= i).all()):   # every row is done drafting: the adaptive draft's one extra read
-                break  # the unsure token is dropped; its input's exit state stays cached
+            if not bool(adaptive.go_on(limit > i)):   # too few rows still draft: the adaptive draft's one extra read
+                limit = limit.clamp_max(i)
+                break  # the unsure tokens are dropped; their inputs' exit states stay cached
         drafts.append(token)
         draft_q.append(q)
         previous = token
