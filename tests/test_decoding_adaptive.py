@@ -9,7 +9,7 @@ from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread,
 from pretrain.decoding import generate
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.dynamic_exit import DynamicExit
-from schedules.speedup import expected_tokens_per_layer
+from schedules.speedup import expected_speedup_with_costs, expected_tokens_per_layer
 
 
 @pytest.mark.parametrize("options", [
@@ -85,3 +85,20 @@ def test_dynamic_exit_moves_toward_cheap_accurate_exit():
     assert out == [reference_greedy(strong_exit, p, 40) for p in ([1, 2, 3], [7, 8])]
     _, static = generate(strong_exit, [[1, 2, 3], [7, 8]], exit_layer=5, draft_len=2, max_new_tokens=40)
     assert stats.summary()["layer_evals_per_token"] < static.summary()["layer_evals_per_token"]
+
+
+def test_dynamic_exit_gives_each_row_the_draft_length_of_its_own_acceptance():
+    ctl = DynamicExit(num_layers=8, exit_layer=2, draft_len=3, max_draft_len=6).start(4, "cpu")
+    t = torch.tensor
+    ctl.observe_rows(accepted=t([10.0, 0.0, 6.0, 1.0]), judged=t([10.0, 10.0, 10.0, 1.0]))
+    gammas = ctl.row_draft_lens().tolist()
+
+    def best(alpha):   # γ = 0 is a plain step: speedup 1
+        return max(range(7), key=lambda g: (round(expected_speedup_with_costs(alpha, g, 2, 8, ctl.costs), 12), -g))
+
+    assert gammas == [best(1.0), 0, best(0.6), 3]   # row 3 has too little evidence: the batch's γ
+    assert gammas[0] == 6 and 0 < gammas[2] < 6
+    ctl.select_rows(t([2, 0]))
+    assert ctl.row_draft_lens().tolist() == [gammas[2], gammas[0]]
+    ctl.observe(5, score=10.0, positions=10)   # a better exit: E moves, the rows' evidence is reset
+    assert ctl.choose()[0] == 5 and ctl.row_judged.tolist() == [0.0, 0.0]
