@@ -80,13 +80,18 @@ class StaticKVCache:
         """[B, T] positions (= slots) the next `new_tokens` tokens of each row take at `layer`."""
         return self.lengths[layer][:, None] + self._slots[:new_tokens]
 
+    def span(self, layer: int, new_tokens: int) -> int:
+        """Host bound of the slots the longest row of `layer` spans after `new_tokens` more."""
+        generation, written = self._state[layer]
+        return self._max_at_crop[generation] + written + new_tokens
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append k, v [B, Hkv, T, Dh]; return slots [0, width) of the layer and the bool mask
         [B, 1, T, width] (True = attend), width = attended_width(span)."""
         t = k.shape[2]
         generation, written = self._state[layer]
-        span = self._max_at_crop[generation] + written + t
+        span = self.span(layer, t)
         if span > self.capacity:
             raise ValueError(f"decoding needs {span} cache slots, the cache holds {self.capacity}")
         width = self.attended_width(span)

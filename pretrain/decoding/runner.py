@@ -30,9 +30,11 @@ class BlockRunner:
         output and {exit: hidden} for the requested exits (1-based) in (start, stop]."""
         if start >= stop:
             return h, {}
-        # a row drafting past its own end (riding along with longer drafts of other rows) computes
-        # tokens that are discarded; their positions are clamped into the RoPE table
-        positions = self.cache.positions(start, h.shape[1]).clamp_max(self.last_position)
+        positions = self.cache.positions(start, h.shape[1])
+        if self.cache.span(start, h.shape[1]) > self.last_position + 1:
+            # a row drafting past its own end (riding along with longer drafts of other rows)
+            # computes tokens that are discarded; their positions are clamped into the RoPE table
+            positions = positions.clamp_max(self.last_position)
         h, captured = self.model.run_layers(h, positions=positions, cache=self.cache, start=start, stop=stop,
                                             exits=exits)
         calls = (stop - start) * h.shape[0]

@@ -73,14 +73,18 @@ class Sequences:
         self.finished |= self.length - self.prompt_len >= self.max_new_tokens
         return take
 
-    def settle(self, *values: torch.Tensor) -> list[int]:
-        """The round's one host synchronisation: reads the finished rows, the most tokens a row may
-        still commit and the longest row (kept here), and `values` (0-d integer tensors, returned)."""
-        remaining = self.remaining()
-        read = torch.stack([self.finished.sum(), remaining.max(), self.length.max(),
-                            *(v.to(remaining.dtype) for v in values)]).tolist()
-        self._finished_rows, self.most_remaining, self.max_length = read[:3]
-        return read[3:]
+    def settle(self, *values: torch.Tensor, lengths: bool = True) -> list[int]:
+        """The round's one host synchronisation: reads the finished rows, with `lengths` the most
+        tokens a row may still commit and the longest row (kept here), and `values` (0-d integer
+        tensors, returned)."""
+        read = [self.finished.sum()]
+        if lengths:
+            read += [self.remaining().max(), self.length.max()]
+        read = torch.stack(read + [v.to(torch.long) for v in values]).tolist()
+        self._finished_rows = read[0]
+        if lengths:
+            self.most_remaining, self.max_length = read[1:3]
+        return read[3 if lengths else 1:]
 
     def drop_finished(self) -> torch.Tensor | None:
         """After settle(): None if no row finished; else the unfinished rows move to the front (in

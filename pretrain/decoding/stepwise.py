@@ -37,6 +37,6 @@ def decode_stepwise(runner: BlockRunner, seqs: Sequences, stop: int, sampling: S
         h, _ = runner.blocks(runner.embed(seqs.last_tokens()[:, None]), 0, stop)
         token, _ = choose(runner.head(h)[:, 0], sampling, generator)
         runner.stats.rounds += seqs.batch
-        committed, = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum())
+        committed, = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum(), lengths=False)
         runner.stats.generated += committed
         drop_finished_rows(seqs, runner.cache)
