@@ -4,12 +4,14 @@ import math
 
 import pytest
 import torch
-from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread, reference_greedy  # noqa: F401
+from conftest import NEW, PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import generate
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.dynamic_exit import DynamicExit
 from schedules.speedup import expected_speedup_with_costs, expected_tokens_per_layer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("options", [
