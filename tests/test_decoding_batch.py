@@ -3,7 +3,7 @@ work counted as done, one host synchronisation per round, and the input checks (
 temperatures, the context length)."""
 import pytest
 import torch
-from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread, reference_greedy  # noqa: F401
+from conftest import NEW, PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import ExitQueryCache, SamplingConfig, StaticKVCache, generate
 from pretrain.decoding.compiled import CompiledRegionKVCache
@@ -12,6 +12,8 @@ from pretrain.decoding.self_speculative import speculative_round
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stats import DecodeStats
 from pretrain.decoding.stepwise import prefill
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()
