@@ -107,7 +107,8 @@ class ParallelTrainer:
         step_tokens = self.global_token_count(batch)
         for part in self.parts:
             part.step_state = StepState(plan=plan, step_tokens=step_tokens, dtype=cfg.train.dtype,
-                                        checkpoint_heads=cfg.layerskip.early_exit.checkpoint_heads)
+                                        checkpoint_heads=cfg.layerskip.early_exit.checkpoint_heads,
+                                        chunk_tokens=cfg.layerskip.early_exit.loss_chunk_tokens)
         with loss_parallel() if self.layout.tp > 1 else contextlib.nullcontext():
             if self.schedule is not None:
                 run_schedule(self.schedule, batch, has_first=self.has_first_stage, has_last=self.has_last_stage)

@@ -41,7 +41,7 @@ class SingleProcessTrainer:
         return train_step(self.model, self.optimizer, plan, batch, micro_batch_size=cfg.train.micro_batch_size,
                           step_tokens=count_step_tokens(batch), dtype=cfg.train.dtype,
                           checkpoint_heads=cfg.layerskip.early_exit.checkpoint_heads,
-                          grad_clip=cfg.optim.grad_clip)
+                          grad_clip=cfg.optim.grad_clip, chunk_tokens=cfg.layerskip.early_exit.loss_chunk_tokens)
 
     def evaluation_model(self) -> nn.Module | None:
         return self.model

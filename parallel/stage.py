@@ -36,6 +36,7 @@ class StepState:
     step_tokens: int                  # target tokens of the whole step, all data-parallel ranks
     dtype: str = "float32"
     checkpoint_heads: bool = False
+    chunk_tokens: int = 0             # early-exit loss over token chunks (0 = plain path)
     exit_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # detached, summed over micro-batches
     rows_run: int = 0                 # block-rows computed by this stage
 
@@ -126,7 +127,7 @@ class LayerSkipStage(LayerSkipTransformer):
             return None
         total, per_exit = early_exit_loss(self.exit_logits, hiddens, targets,
                                           {l: st.plan.exit_weights[l] for l in exits}, st.step_tokens,
-                                          st.checkpoint_heads)
+                                          st.checkpoint_heads, chunk_tokens=st.chunk_tokens)
         for layer, loss in per_exit.items():
             st.exit_sums[layer] = st.exit_sums.get(layer, 0.0) + loss
         return total

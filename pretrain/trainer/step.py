@@ -44,7 +44,7 @@ def materialize_missing_grads(model: torch.nn.Module) -> None:
 
 
 def forward_backward(model: torch.nn.Module, plan: StepPlan, micro: dict[str, torch.Tensor], *,
-                     step_tokens: int, dtype: str, checkpoint_heads: bool
+                     step_tokens: int, dtype: str, checkpoint_heads: bool, chunk_tokens: int = 0
                      ) -> tuple[torch.Tensor, dict[int, torch.Tensor], int]:
     """Loss and backward of one micro-batch; returns (loss, per-exit losses, block-rows run)."""
     tokens, targets = micro["tokens"], micro["targets"]
@@ -52,7 +52,7 @@ def forward_backward(model: torch.nn.Module, plan: StepPlan, micro: dict[str, to
     with autocast(tokens.device, dtype):
         hiddens = model(tokens, keep=keep, exits=plan.exit_weights.keys())
         loss, per_exit = early_exit_loss(model.exit_logits, hiddens, targets, plan.exit_weights,
-                                         step_tokens, checkpoint_heads)
+                                         step_tokens, checkpoint_heads, chunk_tokens=chunk_tokens)
     loss.backward()
     rows = tokens.shape[0] * model.cfg.n_layers if keep is None else int(keep.sum())
     return loss.detach(), per_exit, rows
@@ -70,14 +70,14 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: StepPlan,
                batch: dict[str, torch.Tensor], *, micro_batch_size: int, step_tokens: int,
-               dtype: str = "float32", checkpoint_heads: bool = False, grad_clip: float = 0.0
+               dtype: str = "float32", checkpoint_heads: bool = False, grad_clip: float = 0.0, chunk_tokens: int = 0
                ) -> StepResult:
     total = torch.zeros((), device=batch["tokens"].device)
     exit_sums: dict[int, torch.Tensor] = {}
     rows_run = 0
     for micro in split_micro_batches(batch, micro_batch_size):
         loss, per_exit, rows = forward_backward(model, plan, micro, step_tokens=step_tokens,
-                                                dtype=dtype, checkpoint_heads=checkpoint_heads)
+                                                dtype=dtype, checkpoint_heads=checkpoint_heads, chunk_tokens=chunk_tokens)
         total += loss
         rows_run += rows
         for layer, value in per_exit.items():
