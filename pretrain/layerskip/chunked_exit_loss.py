@@ -38,24 +38,26 @@ IGNORE_INDEX = -100  # targets that carry no loss (re-exported by early_exit_los
 
 
 def _softmax_and_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-                    group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    group: dist.ProcessGroup | None) -> torch.Tensor:
     """Turns a float32 logits chunk, columns = vocabulary ids [vocab_start, vocab_start + V_local),
-    into its softmax IN PLACE; returns (softmax, CE per row over the whole vocabulary). Rows whose
-    target is ignored get a finite CE the caller masks out."""
+    into its softmax IN PLACE; returns the CE per row over the whole vocabulary. Rows whose target
+    is ignored get a finite CE the caller masks out."""
     local = targets - vocab_start
     here = (local >= 0) & (local < logits.shape[1])
     index = local.clamp(0, logits.shape[1] - 1)[:, None]
     if group is None:
-        probs = torch.log_softmax(logits, dim=1)
-        ce = -probs.gather(1, index)[:, 0]
-        return probs.exp_(), ce
+        torch.log_softmax(logits, dim=1, out=logits)  # in place: no second [C, V] buffer
+        ce = -logits.gather(1, index)[:, 0]
+        logits.exp_()
+        return ce
     target_logit = logits.gather(1, index)[:, 0] * here
     row_max = logits.amax(dim=1)
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    probs = logits.sub_(row_max[:, None]).exp_()
-    sums = torch.stack([probs.sum(dim=1), target_logit])
+    logits.sub_(row_max[:, None]).exp_()
+    sums = torch.stack([logits.sum(dim=1), target_logit])
     dist.all_reduce(sums, group=group)  # one collective for both sums
-    return probs.div_(sums[0][:, None]), row_max + sums[0].log() - sums[1]
+    logits.div_(sums[0][:, None])
+    return row_max + sums[0].log() - sums[1]
 
 
 class ChunkedExitsCrossEntropy(torch.autograd.Function):
@@ -72,11 +74,18 @@ class ChunkedExitsCrossEntropy(torch.autograd.Function):
         valid = (targets != IGNORE_INDEX).to(torch.float32)
         rows = torch.arange(min(chunk, targets.shape[0]), device=targets.device)
         ce_sums = torch.zeros(len(xs), dtype=torch.float32, device=weight.device)
+        # One float32 logits buffer for every chunk and exit (no allocation per chunk).
+        buffer = torch.empty(len(rows), w.shape[0], dtype=torch.float32, device=weight.device)
         with torch.autocast(weight.device.type, enabled=False):  # dtypes are explicit here
             for i, (x, scale) in enumerate(zip(xs, scales)):
                 for s in range(0, x.shape[0], chunk):
                     xc, tc, vc = x[s:s + chunk].to(compute_dtype), targets[s:s + chunk], valid[s:s + chunk]
-                    probs, ce = _softmax_and_ce((xc @ w.T).float(), tc, vocab_start, group)
+                    probs = buffer[:xc.shape[0]]
+                    if compute_dtype == torch.float32:
+                        torch.matmul(xc, w.T, out=probs)
+                    else:
+                        probs.copy_(xc @ w.T)
+                    ce = _softmax_and_ce(probs, tc, vocab_start, group)
                     ce_sums[i] += (ce * vc).sum()
                     if grad_w is None and grad_xs[i] is None:
                         continue
