@@ -15,8 +15,8 @@ incoming gradient. Memory: one chunk's logits and their softmax (O(C x V), float
 float32 dW (the size of the head's own gradient) whatever the number of exits and tokens - the
 plain path keeps every exit's [N, V] logits and log-softmax until backward. Time: the same three
 matmuls per exit as the plain path; recomputing the logits in backward instead (no dW held
-between forward and backward) costs a fourth and measured ~1.5x the plain head time on CPU
-(bench/results/exit_loss_memory.md). Under autocast the matmuls run in the autocast dtype, as
+between forward and backward) costs a fourth matmul (bench/results/exit_loss_alternatives.md measures both designs and a
+torch.compile'd one). Under autocast the matmuls run in the autocast dtype, as
 nn.Linear would; softmax, losses and the dW accumulation are float32.
 
 Tensor parallel (W sharded over the vocabulary, as for `loss_parallel`): rank r holds rows
@@ -62,12 +62,15 @@ def _softmax_and_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_start: in
 
 class ChunkedExitsCrossEntropy(torch.autograd.Function):
     """(total = sum_l scales[l] · CE_l, per-exit CE sums [k]) for exits xs = (x_1..x_k), each [N, D];
-    see the module docstring. Only `total` is differentiable."""
+    see the module docstring. Only `total` is differentiable. Arguments: (weight [V_local, D],
+    targets [N], scales, chunk, compute_dtype, vocab_start, TP group or None, grad_enabled, *xs)."""
 
     @staticmethod
     def forward(ctx, weight, targets, scales: Sequence[float], chunk: int, compute_dtype: torch.dtype,
-                vocab_start: int, group: dist.ProcessGroup | None, *xs):
-        want_w, want_x = ctx.needs_input_grad[0], ctx.needs_input_grad[7:]
+                vocab_start: int, group: dist.ProcessGroup | None, grad_enabled: bool, *xs):
+        # needs_input_grad ignores torch.no_grad(): without grad mode, form no gradients at all.
+        want_w = grad_enabled and ctx.needs_input_grad[0]
+        want_x = [grad_enabled and need for need in ctx.needs_input_grad[8:]]
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_xs = [torch.empty_like(x) if want else None for x, want in zip(xs, want_x)]
         w = weight.to(compute_dtype)
@@ -106,10 +109,11 @@ class ChunkedExitsCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_ce_sums):
         g = grad_total.to(torch.float32)
-        grad_w = None if ctx.grad_w is None else (ctx.grad_w * g).to(ctx.weight_dtype)
-        grad_xs = [None if gx is None else gx * g.to(gx.dtype) for gx in ctx.grad_xs]
+        # In place: the stored gradients are this function's own buffers, used once.
+        grad_w = None if ctx.grad_w is None else ctx.grad_w.mul_(g).to(ctx.weight_dtype)
+        grad_xs = [None if gx is None else gx.mul_(g.to(gx.dtype)) for gx in ctx.grad_xs]
         ctx.grad_w = ctx.grad_xs = None
-        return (grad_w, None, None, None, None, None, None, *grad_xs)
+        return (grad_w, None, None, None, None, None, None, None, *grad_xs)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -152,4 +156,4 @@ def chunked_exits_cross_entropy(norm: nn.Module, output: nn.Linear, hiddens: Seq
         xs.append(x.flatten(0, -2))
     cd = _compute_dtype(xs[0])
     return ChunkedExitsCrossEntropy.apply(w_local, targets.flatten(), tuple(scales), chunk_tokens, cd,
-                                          vocab_start, group, *xs)
+                                          vocab_start, group, torch.is_grad_enabled(), *xs)
