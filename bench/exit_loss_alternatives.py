@@ -60,7 +60,7 @@ def main() -> None:
         h.grad = None
         loss = fn()
         loss.backward()
-        losses[name], grads[name] = float(loss), h.grad.clone()
+        losses[name], grads[name] = float(loss.detach()), h.grad.clone()
     gaps = {name: float((g - grads["plain"]).abs().max() / grads["plain"].abs().max()) for name, g in grads.items()}
 
     def timed(fn):
