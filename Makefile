@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test bench bench-decoding clean
+.PHONY: setup demo-data demo test test-slurm slurm-up slurm-down bench bench-decoding bench-data ablation clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,17 @@ demo: demo-data
 test: setup
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests
 
+# Tests through a real Slurm (root, Debian): installs slurmctld/slurmd/slurm-client/munge if missing,
+# starts a two-node cluster on this machine, runs launch/slurm.sbatch jobs, tears the cluster down.
+test-slurm: setup
+	LAYERSKIP_SLURM_TESTS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests/slurm
+
+# The same cluster by hand (sinfo, sbatch launch/slurm.sbatch ...), then slurm-down.
+slurm-up:
+	$(PYTHON) tests/slurm/cluster.py up
+slurm-down:
+	$(PYTHON) tests/slurm/cluster.py down
+
 # CPU benchmarks; each writes bench/results/<name>.md and .json (command, machine, date).
 bench: setup
 	$(PY) -m bench.train_throughput --repeats 9
@@ -42,6 +53,18 @@ bench-decoding: demo-data
 		optim.warmup_steps=60 logging.progress_bar=false logging.every=100 logging.wandb.mode=disabled \
 		eval.decode_prompts=0 checkpoint.every=250
 	$(PY) -m bench.decoding_speedup --checkpoint runs/bench_decode
+
+# Data pipeline (prepare throughput and memory up to a 1 GB generated corpus, shard readers, loader):
+# about an hour on 2 cores; needs ~4 GB in /tmp.
+bench-data: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.data_pipeline --sizes-mb 30,300,1024 --repeats 3
+
+# The LayerSkip ablation (issue 14): baseline, layer dropout only, early-exit loss only, both, and
+# continual pretraining of the baseline, on the demo corpus; sized by flags (--steps, --layers, --dim).
+# Writes bench/results/ablation.md and the figures in bench/results/ablation/ (~1 h on 2 busy cores).
+ablation: setup
+	test -f data/demo/manifest.json || $(MAKE) demo-data
+	OMP_NUM_THREADS=1 $(PY) -m bench.ablation --reuse --notes bench/results/ablation_notes.md
 
 clean:
 	rm -rf runs data/demo .pytest_cache

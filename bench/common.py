@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: interleaved repeats with medians, machine description, result files."""
+"""Shared benchmark plumbing: the trainer of a config (the run's own code path, random data),
+interleaved repeats with medians, machine description, result files."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,28 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def trainer_for(cfg, model=None):
+    """The Trainer a run of `cfg` builds, for the world size this process was launched with
+    (process group and mesh created when it is > 1); `model` defaults to build_model(cfg)."""
+    from parallel.mesh import launched_world_size, local_rank, setup_parallel
+    from pretrain.config import check_layout
+    from pretrain.device import select_device
+    from pretrain.trainer.build import build_model
+    from pretrain.trainer.trainer import Trainer
+
+    dims = check_layout(cfg, launched_world_size())
+    dims.device = select_device(cfg.train.device, local_rank())
+    setup_parallel(dims)
+    return Trainer(cfg, dims, build_model(cfg) if model is None else model)
+
+
+def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
+    """Random tokens with next-token targets and sample ids 0..batch-1."""
+    seq = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    return {"tokens": seq[:, :-1].to(device), "targets": seq[:, 1:].to(device),
+            "sample_ids": torch.arange(batch, device=device)}
 
 
 def machine() -> str:

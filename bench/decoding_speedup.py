@@ -23,7 +23,8 @@ import tempfile
 import torch
 
 from bench.common import interleaved_medians, record
-from pretrain.checkpoint.inference import load_model, resolve_checkpoint
+from pretrain.checkpoint.inference import resolve_checkpoint
+from pretrain.model_loading import load_model
 from pretrain.data.dataset import PackedDataset
 from pretrain.decoding import DecodeOptions, DecodeStats, generate
 from pretrain.decoding.compiled import COMPILE_MODES, compile_blocks_for_decoding

@@ -48,9 +48,10 @@ def child(variant: str, args: argparse.Namespace) -> dict:
 
     import torch
 
+    from bench.common import trainer_for
+    from pretrain.config import RunConfig
     from pretrain.layerskip.plan import StepPlan
     from pretrain.model import LayerSkipTransformer, ModelConfig
-    from pretrain.trainer.step import train_step
     from schedules.exit_loss import exit_loss_weights
 
     torch.set_num_threads(args.threads)
@@ -58,18 +59,21 @@ def child(variant: str, args: argparse.Namespace) -> dict:
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=L, n_heads=args.dim // 64,
                       n_kv_heads=max(1, args.dim // 128), ffn_dim=int(args.dim * 8 / 3) // 64 * 64,
                       max_seq_len=args.seq)
+    run = RunConfig(model=cfg)  # the trainer's own step: one micro-batch, clipping at 1, AdamW
+    run.train.global_batch_size = run.train.micro_batch_size = args.batch
+    run.train.seq_len, run.train.device, run.optim.lr = args.seq, "cpu", 1e-4
+    ee = run.layerskip.early_exit
+    ee.checkpoint_heads = variant == "checkpoint_heads"
+    ee.loss_chunk_tokens = int(variant.split("=")[1]) if variant.startswith("chunk") else 0
     torch.manual_seed(0)
-    model = LayerSkipTransformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trainer = trainer_for(run, LayerSkipTransformer(cfg))
     seq = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(args.batch)}
     plan = StepPlan(step=0, drop_rates=(0.0,) * L, dropout_seed=0,
                     exit_weights=exit_loss_weights(0, num_layers=L, curriculum="none"))
-    chunk = int(variant.split("=")[1]) if variant.startswith("chunk") else 0
 
     def step():
-        return train_step(model, opt, plan, batch, micro_batch_size=args.batch, step_tokens=batch["targets"].numel(),
-                          checkpoint_heads=variant == "checkpoint_heads", chunk_tokens=chunk, grad_clip=1.0)
+        return trainer.train_step(plan, batch)
 
     libc = ctypes.CDLL("libc.so.6")
     losses, peaks, seconds = [step().loss], [], []

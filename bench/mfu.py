@@ -17,30 +17,19 @@ Random tokens: the data pipeline is not what is measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
-from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
-
-from bench.common import record
-from parallel.mesh import setup_parallel
-from parallel.runtime import build_trainer
-from pretrain.config import to_run_config
+from bench.common import random_batch, record, trainer_for
+from pretrain.config import compose_run_config
 from pretrain.device import synchronize
 from pretrain.layerskip.plan import StepPlan, step_plan
 from pretrain.metrics.flops import mfu, step_flops
-from pretrain.trainer.build import build_model, init_model_config
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from pretrain.trainer.preflight import init_model_config
 
 
 def load_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config", overrides=["layerskip=continual", *overrides]))
-    return dataclasses.replace(cfg, model=init_model_config(cfg))
+    return init_model_config(compose_run_config(["layerskip=continual", *overrides])[0])
 
 
 def plain_plan(step: int, num_layers: int) -> StepPlan:
@@ -53,12 +42,9 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true")
     args, overrides = ap.parse_known_args()
     cfg = load_config(overrides)
-    ctx, _ = setup_parallel(cfg)
-    device, tr, L = ctx.device, cfg.train, cfg.model.n_layers
-    trainer = build_trainer(cfg, ctx, build_model(cfg, device))
-    tokens = torch.randint(0, cfg.model.vocab_size, (tr.global_batch_size, tr.seq_len + 1), device=device)
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-             "sample_ids": torch.arange(tr.global_batch_size, device=device)}
+    trainer = trainer_for(cfg)
+    device, tr, L = trainer.dims.device, cfg.train, cfg.model.n_layers
+    batch = random_batch(cfg.model.vocab_size, tr.global_batch_size, tr.seq_len, device=device)
     # steps spread over the run: S(t) and the curriculum as they are mid-training
     spread = [tr.steps // 2 + i for i in range(args.repeats + 1)]
     cases = {"layerskip": lambda i: step_plan(cfg, spread[i]), "plain": lambda i: plain_plan(spread[i], L)}

@@ -17,16 +17,11 @@ layer dropout, so that stages are balanced (the exit head still adds its matmul 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = (("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2))
 
 
@@ -48,43 +43,33 @@ def bench_config(schedule: str, virtual: int, m: int):
 def worker(repeats: int, micro: list[int]) -> None:
     import torch.distributed as dist
 
-    from bench.common import interleaved_medians
+    from bench.common import interleaved_medians, random_batch, trainer_for
     from pretrain.layerskip.plan import step_plan
-    from pretrain.model import LayerSkipTransformer
-    from parallel.engine import ParallelTrainer
-    from parallel.layout import check_layout
-    from parallel.mesh import ParallelContext, build_mesh, init_process_group, teardown_parallel
+    from pretrain.trainer.step import LayerSkipStep
+    from parallel.mesh import teardown_parallel
     from parallel.pipeline import run_schedule
-    from parallel.stage import StepState
+    from tests.parallel_scripts.launch import report
 
-    init_process_group(torch.device("cpu"))
     cases, samples = {}, {}
     for schedule, v in SCHEDULES:
         for m in micro:
             cfg = bench_config(schedule, v, m)
-            layout = check_layout(cfg, dist.get_world_size())
-            ctx = ParallelContext(layout=layout, device=torch.device("cpu"), mesh=build_mesh(layout, torch.device("cpu")))
-            torch.manual_seed(0)
-            trainer = ParallelTrainer(cfg, ctx, LayerSkipTransformer(cfg.model))
+            trainer = trainer_for(cfg)
             busy = [0.0]
             stages = getattr(trainer.schedule, "_stages", None) or [trainer.schedule._stage]
             for stage in stages:
                 for name in ("forward_one_chunk", "backward_one_chunk"):
                     setattr(stage, name, _timed(getattr(stage, name), busy))
-            g = torch.Generator().manual_seed(0)
-            seq = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.train.seq_len + 1), generator=g)
-            batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(len(seq))}
+            batch = random_batch(cfg.model.vocab_size, cfg.train.global_batch_size, cfg.train.seq_len)
             plan = step_plan(cfg, 0)
             name = f"{schedule}/m={m}"
             samples[name] = []
 
             def step(trainer=trainer, batch=batch, plan=plan, busy=busy, name=name):
-                for part in trainer.parts:
-                    part.step_state = StepState(plan=plan, step_tokens=batch["targets"].numel())
+                step = LayerSkipStep(plan, batch["targets"].numel())
                 dist.barrier()
                 busy[0], start = 0.0, time.perf_counter()
-                run_schedule(trainer.schedule, batch, has_first=trainer.has_first_stage,
-                             has_last=trainer.has_last_stage)
+                run_schedule(trainer.schedule, trainer.stages, batch, step)
                 samples[name].append((busy[0], time.perf_counter() - start))
                 trainer.optimizer.zero_grad()
             cases[name] = step
@@ -98,7 +83,7 @@ def worker(repeats: int, micro: list[int]) -> None:
         dist.all_reduce(t)
         out[name] = {"bubble": float(t[0]) / dist.get_world_size(), "step_s": float(t[1]) / dist.get_world_size()}
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(out), flush=True)
+        report(out)
     teardown_parallel()
 
 
@@ -123,11 +108,10 @@ def main() -> None:
         worker(args.repeats, micro)
         return
     from bench.common import record
+    from tests.parallel_scripts.launch import results, torchrun_stdout
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "bench.pipeline_bubble", "--worker", "--repeats", str(args.repeats), "--micro", args.micro]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    measured = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    measured = results(torchrun_stdout(2, ["-m", "bench.pipeline_bubble", "--worker", "--repeats", str(args.repeats),
+                                           "--micro", args.micro], timeout=3600))[0]
     p, rows = 2, []
     for schedule, v in SCHEDULES:
         for m in micro:

@@ -9,17 +9,12 @@ time-share the cores and the numbers show the cost of oversubscription and commu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 # world size -> layouts (ParallelConfig fields)
 LAYOUTS = {
     1: {"single": {}},
@@ -48,23 +43,18 @@ def bench_config(parallel: dict):
 def worker(world: int, repeats: int) -> None:
     import torch.distributed as dist
 
-    from bench.common import interleaved_medians
+    from bench.common import interleaved_medians, random_batch, trainer_for
     from pretrain.data.loader import rank_slice
     from pretrain.layerskip.plan import step_plan
-    from pretrain.model import LayerSkipTransformer
-    from parallel.mesh import setup_parallel, teardown_parallel
-    from parallel.runtime import build_trainer
+    from parallel.mesh import teardown_parallel
+    from tests.parallel_scripts.launch import report
 
     cases, times = {}, {}
     for name, parallel in LAYOUTS[world].items():
         cfg = bench_config(parallel)
-        ctx, _ = setup_parallel(cfg)
-        torch.manual_seed(0)
-        trainer = build_trainer(cfg, ctx, LayerSkipTransformer(cfg.model))
-        B = cfg.train.global_batch_size
-        seq = torch.randint(0, cfg.model.vocab_size, (B, cfg.train.seq_len + 1), generator=torch.Generator().manual_seed(0))
-        ids = rank_slice(torch.arange(B).numpy(), ctx.dp_rank, ctx.dp_size)
-        batch = {"tokens": seq[ids, :-1], "targets": seq[ids, 1:], "sample_ids": torch.as_tensor(ids)}
+        trainer = trainer_for(cfg)
+        full = random_batch(cfg.model.vocab_size, cfg.train.global_batch_size, cfg.train.seq_len)
+        batch = {k: rank_slice(v, trainer.dims.dp_rank, trainer.dims.dp) for k, v in full.items()}
         times[name] = []
         counter = [0]
 
@@ -84,7 +74,7 @@ def worker(world: int, repeats: int) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out[name] = float(t[0])
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print("RESULT " + json.dumps(out), flush=True)
+        report(out)
     teardown_parallel()
 
 
@@ -98,14 +88,12 @@ def main() -> None:
         worker(args.worker, args.repeats)
         return
     from bench.common import record
+    from tests.parallel_scripts.launch import results, torchrun_stdout
 
     rows, tokens = [], 16 * 128
     for world in (int(w) for w in args.worlds.split(",")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "bench.scaling_cpu", "--worker", str(world), "--repeats", str(args.repeats)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-        measured = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        measured = results(torchrun_stdout(world, ["-m", "bench.scaling_cpu", "--worker", str(world),
+                                                   "--repeats", str(args.repeats)], timeout=3600))[0]
         for name, seconds in measured.items():
             rows.append({"layout": name, "ranks": world, "step_s": seconds, "tokens_per_s": tokens / seconds})
     base = rows[0]["step_s"]

@@ -13,17 +13,12 @@ import argparse
 
 import torch
 
-from bench.common import interleaved_medians, record
+from bench.common import interleaved_medians, random_batch, record, trainer_for
+from pretrain.config import RunConfig
 from pretrain.layerskip.plan import StepPlan
-from pretrain.model import LayerSkipTransformer, ModelConfig
-from pretrain.trainer.step import train_step
+from pretrain.model import ModelConfig
 from schedules.exit_loss import exit_loss_weights
 from schedules.layer_dropout import layer_dropout_rates
-
-
-def our_step(model, optimizer, plan, batch):
-    return lambda: train_step(model, optimizer, plan, batch, micro_batch_size=batch["tokens"].shape[0],
-                              step_tokens=batch["targets"].numel(), grad_clip=1.0)
 
 
 def hf_step(cfg: ModelConfig, batch):
@@ -60,19 +55,22 @@ def main() -> None:
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=L, n_heads=args.dim // 64,
                       n_kv_heads=max(1, args.dim // 128), ffn_dim=int(args.dim * 8 / 3) // 64 * 64,
                       max_seq_len=args.seq)
-    torch.manual_seed(0)
-    seq = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
-    batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(args.batch)}
+    batch = random_batch(cfg.vocab_size, args.batch, args.seq)
     tokens = args.batch * args.seq
-    model = LayerSkipTransformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    run = RunConfig(model=cfg)   # the trainer's own step: one micro-batch, clipping at 1, fused AdamW
+    run.train.global_batch_size = run.train.micro_batch_size = args.batch
+    run.train.seq_len, run.train.device, run.optim.lr = args.seq, "cpu", 1e-4
+    trainer = trainer_for(run)
+
+    def our_step(plan):
+        return lambda: trainer.train_step(plan, batch)
 
     def plan(p_max=0.0, exits=None, step=0):
         rates = layer_dropout_rates(step, num_layers=L, total_steps=1, p_max=p_max, depth="exp", time="constant")
         return StepPlan(step=step, drop_rates=tuple(rates), exit_weights=exits or {L: 1.0}, dropout_seed=0)
 
     # (a) parity with transformers
-    times_a = interleaved_medians({"ours": our_step(model, opt, plan(), batch),
+    times_a = interleaved_medians({"ours": our_step(plan()),
                                    "transformers": hf_step(cfg, batch)}, args.repeats)
     ratio_a = times_a["transformers"] / times_a["ours"]
 
@@ -84,11 +82,11 @@ def main() -> None:
 
         def __call__(self):
             self.step += 1
-            our_step(model, opt, plan(self.p_max, step=self.step), batch)()
+            our_step(plan(self.p_max, step=self.step))()
 
     no_blocks = StepPlan(step=0, drop_rates=(1.0,) * L, exit_weights={L: 1.0}, dropout_seed=0)
-    cases_b = {"p=0": our_step(model, opt, plan(0.0), batch), "p=0.2": Cycling(0.2),
-               "p=0.5": Cycling(0.5), "no blocks": our_step(model, opt, no_blocks, batch)}
+    cases_b = {"p=0": our_step(plan(0.0)), "p=0.2": Cycling(0.2),
+               "p=0.5": Cycling(0.5), "no blocks": our_step(no_blocks)}
     times_b = interleaved_medians(cases_b, args.repeats)
     block_time = times_b["p=0"] - times_b["no blocks"]
     rows_b = []
@@ -101,14 +99,14 @@ def main() -> None:
 
     # (c) early-exit loss overhead
     all_exits = exit_loss_weights(0, num_layers=L, curriculum="none")
-    cases_c = {"none": our_step(model, opt, plan(), batch),
-               "all exits": our_step(model, opt, plan(exits=all_exits), batch)}
+    cases_c = {"none": our_step(plan()),
+               "all exits": our_step(plan(exits=all_exits))}
     rot = [exit_loss_weights(t, num_layers=L, curriculum="rotational", rotation_period=4) for t in range(4)]
     state = {"t": 0}
 
     def rotational():
         state["t"] += 1
-        our_step(model, opt, plan(exits=rot[state["t"] % 4]), batch)()
+        our_step(plan(exits=rot[state["t"] % 4]))()
     cases_c["rotational R=4"] = rotational
     times_c = interleaved_medians(cases_c, args.repeats)
 

@@ -5,20 +5,20 @@ Sharded weights (FSDP, tensor parallel) are gathered with DTensor.full_tensor() 
 pipeline stage; the stages' state dicts are then gathered to global rank 0 over the pipeline
 group of the ranks at data-parallel and tensor-parallel coordinate 0. The whole model is held in
 rank 0's CPU memory; for models too large for that, export from a saved checkpoint instead
-(`pretrain.checkpoint.load_model` loads a DCP checkpoint of any layout into one process).
+(`pretrain.model_loading.load_model` loads a DCP checkpoint of any layout into one process).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.hf_interop.io import canonical_parameter_name
 from pretrain.model import LayerSkipTransformer
-from parallel.mesh import ParallelContext
+from parallel.dims import ParallelDims
+from parallel.parallelize import canonical_parameter_name
+
 
 def local_full_state_dict(parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     """Unsharded CPU copies of this rank's parts' parameters (collective over each stage's mesh)."""
@@ -31,16 +31,16 @@ def local_full_state_dict(parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]
     return out
 
 
-def full_state_dict(parts: Sequence[nn.Module], ctx: ParallelContext) -> dict[str, torch.Tensor] | None:
+def full_state_dict(parts: Sequence[nn.Module], dims: ParallelDims) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict on global rank 0 (None on other ranks). All ranks call."""
     state = local_full_state_dict(parts)
-    if ctx.pp_group is None:
-        return state if ctx.is_main else None
-    if ctx.dp_rank != 0 or ctx.tp_rank != 0:
+    if dims.pp_group is None:
+        return state if dims.is_main else None
+    if dims.dp_rank != 0 or dims.tp_rank != 0:
         return None
-    gathered: list | None = [None] * dist.get_world_size(ctx.pp_group) if ctx.is_main else None
-    dist.gather_object(state, gathered, dst=0, group=ctx.pp_group)
-    if not ctx.is_main:
+    gathered: list | None = [None] * dist.get_world_size(dims.pp_group) if dims.is_main else None
+    dist.gather_object(state, gathered, dst=0, group=dims.pp_group)
+    if not dims.is_main:
         return None
     merged: dict[str, torch.Tensor] = {}
     for piece in gathered:
@@ -48,25 +48,12 @@ def full_state_dict(parts: Sequence[nn.Module], ctx: ParallelContext) -> dict[st
     return merged
 
 
-def consolidated_model(parts: Sequence[nn.Module], ctx: ParallelContext,
+def consolidated_model(parts: Sequence[nn.Module], dims: ParallelDims,
                        device: torch.device | str = "cpu") -> LayerSkipTransformer | None:
     """A plain LayerSkipTransformer with the trained weights on rank 0; None elsewhere."""
-    state = full_state_dict(parts, ctx)
+    state = full_state_dict(parts, dims)
     if state is None:
         return None
     model = LayerSkipTransformer(parts[0].cfg)
     model.load_state_dict(state, strict=True)
     return model.to(device)
-
-
-def export_hf(parts: Sequence[nn.Module], ctx: ParallelContext, out_dir: str | Path,
-              tokenizer_file: str | None = None) -> Path | None:
-    """Write the Hugging Face layout from any parallel layout (rank 0 writes; all ranks call)."""
-    model = consolidated_model(parts, ctx)
-    if model is not None:
-        from pretrain.hf_interop import save_hf_checkpoint
-
-        save_hf_checkpoint(model, out_dir, tokenizer_file=tokenizer_file)
-    if dist.is_initialized():
-        dist.barrier()
-    return Path(out_dir) if model is not None else None

@@ -5,26 +5,22 @@ Two LayerSkip-specific settings:
     already divided by the token count of the whole step on all ranks, so the sum is exactly the
     single-process gradient (a sum-only reduction, which gloo and NCCL both support);
   * FSDP all-gathers a block's weights when the block runs, so a rank whose samples all skip a
-    block must still run it or the job hangs: the engine sets the stage's dummy_row_for_empty
+    block must still run it or the job hangs: parallelize sets the stage's dummy_row_for_empty
     (parallel/stage.py) on every part it shards.
 """
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, reshard_after_forward: bool = True,
-               mp_policy: MixedPrecisionPolicy | None = None) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> None:
     """Shard every block, then the root (embedding, exit head), over `dp_mesh` (1-D: FSDP;
     2-D (dp_replicate, dp_shard): HSDP)."""
-    kwargs = {"mesh": dp_mesh}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
     for block in model.layers.values():
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

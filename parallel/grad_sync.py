@@ -75,6 +75,26 @@ def reduce_tied_embedding_grads(parts: Sequence[nn.Module], pp_group: dist.Proce
         _sum_replica_grads([p.output.weight for p in parts], pp_group)
 
 
+def materialize_missing_grads(part: nn.Module) -> None:
+    """Give parameters that received no gradient (a block every row skipped) a zero gradient, as
+    a sharded run that runs the block on a dummy row does; keeps AdamW's updates and state
+    identical across parallel layouts."""
+    for p in part.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+@torch.no_grad()
+def finalize_gradients(parts: Sequence[nn.Module], pp_group: dist.ProcessGroup | None) -> None:
+    """After the backward pass, before clipping: every parameter has a gradient, and every exit
+    head replica (and tied embedding) holds the gradient of the single model."""
+    for part in parts:
+        materialize_missing_grads(part)
+    if pp_group is not None:
+        reduce_exit_head_grads(parts, pp_group)
+        reduce_tied_embedding_grads(parts, pp_group)
+
+
 def owned_parameters(part: nn.Module) -> Iterable[nn.Parameter]:
     """The parameters this stage counts in the global gradient norm: every parameter once over
     the pipeline - head replicas belong to the last stage, a tied embedding to the first."""
@@ -88,11 +108,11 @@ def owned_parameters(part: nn.Module) -> Iterable[nn.Parameter]:
     return [p for p in part.parameters() if id(p) not in replicas]
 
 
-def _norm_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
     norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return norm.float() ** 2
+    return norm.float()
 
 
 def clip_grad_norm_global(parts: Sequence[nn.Module], max_norm: float,
@@ -103,13 +123,12 @@ def clip_grad_norm_global(parts: Sequence[nn.Module], max_norm: float,
     dtensors = [g for g in owned if hasattr(g, "full_tensor")]
     plain = [g for g in owned if not hasattr(g, "full_tensor")]
     device = owned[0].device if owned else torch.device("cpu")
-    total_sq = torch.zeros((), device=device)
-    for group in (dtensors, plain):
-        if group:
-            total_sq = total_sq + _norm_sq(group)
+    norms = [_norm(group) for group in (dtensors, plain) if group] or [torch.zeros((), device=device)]
+    norm = torch.linalg.vector_norm(torch.stack(norms))   # one group: exactly its norm
     if pp_group is not None:
+        total_sq = norm ** 2
         dist.all_reduce(total_sq, group=pp_group)
-    norm = total_sq.sqrt()
+        norm = total_sq.sqrt()
     if max_norm > 0:
         params = [p for part in parts for p in part.parameters() if p.grad is not None]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)

@@ -1,17 +1,30 @@
-"""Memory/speed wrappers for a plain LayerSkipTransformer: activation checkpointing and
-torch.compile (the single-process trainer's `parallelize`).
+"""The one place that wraps a model part for a parallel layout, in this order:
 
-Under a parallel layout the order per model part is: tensor parallel -> activation checkpointing
--> FSDP (see parallel/engine.py; the layout, mesh and process group come from parallel/layout.py
-and parallel/mesh.py; pipeline stages from parallel/pipeline.py).
+    tensor parallel -> activation checkpointing -> torch.compile -> FSDP
+
+Tensor parallelism first (it replaces weights by DTensors that the later wrappers see), FSDP last
+(it shards whatever the part has become). The settings are plain values, not the run config.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from pretrain.config import RunConfig
+from parallel.dims import ParallelDims
+from parallel.fsdp import apply_fsdp
+from parallel.tensor_parallel import apply_tensor_parallel
+
+
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")   # checkpoint_wrapper, torch.compile
+
+
+@dataclass(frozen=True)
+class ParallelizeSettings:
+    activation_checkpointing: bool = False
+    compile: bool = False
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -26,9 +39,25 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, dynamic=True)
 
 
-def parallelize(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        apply_compile(model)
-    return model
+def parallelize(part: nn.Module, dims: ParallelDims, settings: ParallelizeSettings) -> nn.Module:
+    """Wrap one model part (a parallel.stage.LayerSkipStage) in place and return it."""
+    if dims.tp > 1:
+        apply_tensor_parallel(part, dims.tp_mesh)
+    if settings.activation_checkpointing:
+        apply_activation_checkpointing(part)
+    if settings.compile:
+        apply_compile(part)
+    if dims.dp > 1:
+        # Under pipelining, weights stay gathered from forward to backward (each micro-batch
+        # would otherwise all-gather them twice); the schedule reshards.
+        apply_fsdp(part, dims.dp_mesh, reshard_after_forward=dims.pp == 1)
+        part.dummy_row_for_empty = True
+    return part
+
+
+def canonical_parameter_name(name: str) -> str:
+    """A parameter name without the levels the wrappers above insert (activation checkpointing,
+    torch.compile): the name in the plain model."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name

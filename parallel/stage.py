@@ -1,72 +1,29 @@
-"""A pipeline stage of the LayerSkip model: blocks [start, stop), the embedding on the first
-stage, and on EVERY stage a replica of the shared exit head (final norm + output projection), so
-that the early-exit losses of a stage's own blocks are computed where those blocks live.
+"""A model part: the blocks [start, stop) of the LayerSkip model, the embedding when start is 0,
+and on EVERY part a replica of the shared exit head (final norm + output projection), so that the
+early-exit losses of a part's own blocks are computed where those blocks live. Without pipelining
+the whole model is one part, [0, L).
 
 `as_stage` turns a (pruned) LayerSkipTransformer into a `LayerSkipStage` in place (a class swap,
-as FSDP does), which keeps parameter names - and so checkpoints - identical to the
-single-process model. Its `forward(inputs, targets=..., sample_ids=...)` is the training forward
-used by every parallel layout (the whole model is one stage without pipelining):
-
-  * first stage: tokens -> embedding; other stages: the activation received;
-  * the stage's blocks with per-sample layer dropout (keep masks from the global sample ids);
-  * the exit losses of the exits on at this step whose block lives here, as token sums divided by
-    the step's global token count; the head runs only when such an exit is on;
-  * last stage: returns the loss; other stages: return the activation through `AddStageLoss`,
-    an identity whose backward also feeds d(loss)/d(loss) = 1 to the stage's own exit loss, so
-    that the loss enters the backward pass on its stage while the tensor sent on stays plain.
-
-Without `targets` it is the ordinary model forward (hidden states per exit).
+as FSDP does), which keeps parameter names - and so checkpoints - identical to the plain model.
+Its forward is the plain model's, unless a `step` is passed: then `step(part, inputs, **kwargs)`
+runs instead, inside the part's forward so that FSDP's hooks (which gather the part's weights)
+fire around it. The trainer's LayerSkip step (pretrain/trainer/step.py) is that function.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from collections.abc import Callable
 
 import torch
 
-from pretrain.device import autocast
-from pretrain.layerskip.early_exit_loss import early_exit_loss
-from pretrain.layerskip.plan import StepPlan
 from pretrain.model import LayerSkipTransformer
-
-
-@dataclass
-class StepState:
-    """What a stage needs to know about the current optimizer step, and what it reports."""
-    plan: StepPlan
-    step_tokens: int                  # target tokens of the whole step, all data-parallel ranks
-    dtype: str = "float32"
-    checkpoint_heads: bool = False
-    chunk_tokens: int = 0             # early-exit loss over token chunks (0 = plain path)
-    exit_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # detached, summed over micro-batches
-    rows_run: int = 0                 # block-rows computed by this stage
-
-
-class AddStageLoss(torch.autograd.Function):
-    """y = h in forward. In backward, grad_h passes through unchanged and the stage's exit loss
-    receives gradient 1 — as if the stage's loss had been added to the pipeline's final loss.
-    The pipeline schedule only back-propagates from the tensor a stage sends, so this is how a
-    middle stage's early-exit losses reach its (and earlier stages') parameters."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, loss: torch.Tensor | None) -> torch.Tensor:
-        ctx.has_loss = loss is not None
-        if ctx.has_loss:
-            ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx, grad_h: torch.Tensor):
-        if not ctx.has_loss:
-            return grad_h, None
-        return grad_h, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
 
 
 class LayerSkipStage(LayerSkipTransformer):
     stage_start: int
     stage_stop: int
     seq_shards: int                   # sequence-parallel degree of the activations between blocks
-    dummy_row_for_empty: bool         # see _run_block
-    step_state: StepState | None
+    dummy_row_for_empty: bool         # see _run_block; set by parallelize under FSDP
 
     @property
     def is_first_stage(self) -> bool:
@@ -76,61 +33,34 @@ class LayerSkipStage(LayerSkipTransformer):
     def is_last_stage(self) -> bool:
         return self.stage_stop == self.cfg.n_layers
 
-    def exits_here(self, plan: StepPlan) -> list[int]:
-        """Exits on at this step whose block lives on this stage (exit l = output of block l-1)."""
-        return sorted(l for l in plan.exit_weights if self.stage_start < l <= self.stage_stop)
+    def exits_here(self, exits) -> list[int]:
+        """Those of `exits` (1-based) whose block lives on this part (exit l = output of block l-1)."""
+        return sorted(l for l in exits if self.stage_start < l <= self.stage_stop)
 
     def _run_block(self, block, h, cos, sin, rows, cache, layer):
         """FSDP needs every rank to run every block, forward and backward, in the same order.
         A rank whose rows all skip a block therefore runs it on one row and adds 0 x its output:
-        h is unchanged and the block's gradients are exactly zero. (Running it on an empty batch,
-        the model's skip_empty_blocks=False, is not enough: DTensor cannot run a zero-row batch,
-        and FSDP's backward hooks did not fire reliably for one - a collective mismatch under the
-        interleaved schedule.)"""
+        h is unchanged and the block's gradients are exactly zero. (Running it on an empty batch
+        is not enough: DTensor cannot run a zero-row batch, and FSDP's backward hooks did not fire
+        reliably for one - a collective mismatch under the interleaved schedule.)"""
         if self.dummy_row_for_empty and rows is not None and not bool(rows.any()):
             out = block(h[:1], cos, sin, cache, layer)
             return h + 0.0 * out.sum()
         return super()._run_block(block, h, cos, sin, rows, cache, layer)
 
-    def _positions(self, h: torch.Tensor) -> torch.Tensor | None:
+    def positions(self, h: torch.Tensor) -> torch.Tensor | None:
         """Under sequence parallelism the local activation holds seq_len / tp positions, but RoPE
         is applied after the sequence is gathered: pass the full position range explicitly."""
         if self.seq_shards == 1:
             return None
         return torch.arange(h.shape[1] * self.seq_shards, device=h.device)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None,
-                sample_ids: torch.Tensor | None = None, **kwargs):
-        if targets is None:
-            if self.seq_shards > 1 and kwargs.get("positions") is None:
-                kwargs["positions"] = torch.arange(inputs.shape[1], device=inputs.device)
-            return super().forward(inputs, **kwargs)
-        st = self.step_state
-        with autocast(inputs.device, st.dtype):
-            h = self.tok_embeddings(inputs) if self.is_first_stage else inputs
-            keep = st.plan.keep_masks(sample_ids)
-            exits = self.exits_here(st.plan)
-            h, hiddens = self.run_layers(h, keep=keep, exits=exits, positions=self._positions(h),
-                                         start=self.stage_start, stop=self.stage_stop)
-            loss = self._exit_loss(hiddens, targets, exits, st)
-        n_blocks = self.stage_stop - self.stage_start
-        st.rows_run += h.shape[0] * n_blocks if keep is None else int(keep[self.stage_start:self.stage_stop].sum())
-        if self.is_last_stage:
-            return loss
-        # Always a fresh tensor, never a block's own output: FSDP hooks the module output for its
-        # pre-backward, and the hooks' order on a shared tensor would depend on which rows ran.
-        return AddStageLoss.apply(h, loss)
-
-    def _exit_loss(self, hiddens: dict[int, torch.Tensor], targets: torch.Tensor, exits: list[int],
-                   st: StepState) -> torch.Tensor | None:
-        if not exits:
-            return None
-        total, per_exit = early_exit_loss(self.exit_logits, hiddens, targets,
-                                          {l: st.plan.exit_weights[l] for l in exits}, st.step_tokens,
-                                          st.checkpoint_heads, chunk_tokens=st.chunk_tokens)
-        for layer, loss in per_exit.items():
-            st.exit_sums[layer] = st.exit_sums.get(layer, 0.0) + loss
-        return total
+    def forward(self, inputs: torch.Tensor, step: Callable | None = None, **kwargs):
+        if step is not None:
+            return step(self, inputs, **kwargs)
+        if self.seq_shards > 1 and kwargs.get("positions") is None:
+            kwargs["positions"] = torch.arange(inputs.shape[1], device=inputs.device)
+        return super().forward(inputs, **kwargs)
 
 
 def as_stage(model: LayerSkipTransformer, start: int, stop: int, seq_shards: int = 1) -> LayerSkipStage:
@@ -139,6 +69,47 @@ def as_stage(model: LayerSkipTransformer, start: int, stop: int, seq_shards: int
         raise TypeError(f"as_stage expects a plain LayerSkipTransformer, got {type(model).__name__}")
     model.__class__ = LayerSkipStage
     model.stage_start, model.stage_stop, model.seq_shards = start, stop, seq_shards
-    model.step_state = None
     model.dummy_row_for_empty = False
     return model
+
+
+def stage_layer_ranges(n_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous, equal [start, stop) block ranges, one per pipeline stage."""
+    if n_layers % num_stages:
+        raise ValueError(f"{n_layers} layers do not split into {num_stages} equal stages")
+    per = n_layers // num_stages
+    return [(s * per, (s + 1) * per) for s in range(num_stages)]
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    """Stage indices held by pipeline rank `pp_rank`: looped placement r, r+pp, r+2pp, ...
+    (what torch's interleaved schedules expect)."""
+    return [pp_rank + v * pp for v in range(virtual_stages)]
+
+
+def prune_to_stage(model: LayerSkipTransformer, start: int, stop: int) -> LayerSkipTransformer:
+    """Keep blocks [start, stop); drop the embedding unless this is the first stage. The exit
+    head (norm, output) stays on every stage."""
+    for name in list(model.layers.keys()):
+        if not start <= int(name) < stop:
+            del model.layers[name]
+    if start > 0:
+        del model.tok_embeddings
+        if model.cfg.tie_embeddings:
+            # This stage's output projection is a replica of the tied embedding: checkpoint its
+            # optimizer state under the embedding's name, as the single model does.
+            model.checkpoint_aliases = {"output.weight": "tok_embeddings.weight"}
+    return model
+
+
+def split_into_stages(model: LayerSkipTransformer, num_stages: int, stage_ids: list[int], seq_shards: int = 1
+                      ) -> list[tuple[int, LayerSkipStage]]:
+    """(stage index, stage module) for the stages `stage_ids` of `num_stages`; one stage of one is
+    the whole model."""
+    ranges = stage_layer_ranges(model.cfg.n_layers, num_stages)
+    stages = []
+    for i, s in enumerate(stage_ids):
+        part = model if i == len(stage_ids) - 1 else copy.deepcopy(model)
+        start, stop = ranges[s]
+        stages.append((s, as_stage(prune_to_stage(part, start, stop), start, stop, seq_shards)))
+    return stages

@@ -1,16 +1,23 @@
-"""The run configuration: a typed schema for what Hydra composes from conf/, plus semantic checks.
-
-Hydra gives composition and command-line overrides; merging into these dataclasses rejects
-unknown keys and wrong types; `validate` rejects impossible values, naming the key.
+"""The run configuration: the dataclasses below are the one source of defaults, registered with
+Hydra as the structured schema of conf/config.yaml (the YAML groups and presets hold only what
+they change). `compose_run_config` composes conf/ with command-line overrides; unknown keys,
+wrong types, unknown group options and impossible values all raise ConfigError naming the key.
+All value checks live here: `validate` (the run alone) and `check_layout` (the parallel layout
+against the launched world size); pretrain.trainer.preflight adds the checks that read files.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, List, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from parallel.dims import (MULTI_STAGE_SCHEDULES, SCHEDULES, SINGLE_STAGE_SCHEDULES, ParallelConfig, ParallelDims,
+                           canonical_schedule)
 from pretrain.model.config import ModelConfig
 from schedules.exit_loss import CURRICULA, IMPORTANCE_KINDS
 from schedules.layer_dropout import DEPTH_SCALES, TIME_SCALES
@@ -62,8 +69,18 @@ class OptimConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    dir: str = ""                 # a prepared dataset
+    weight: float = 1.0           # share of the training stream: weight / sum of weights
+    name: Optional[str] = None    # in logs and eval; default: the directory's name
+
+
+@dataclass
 class DataConfig:
-    dir: str = "data/stdlib"
+    dir: str = "data/stdlib"      # shards written by: python -m pretrain.data.prepare --out data/stdlib
+    # Several prepared datasets mixed by weight, e.g. '[{dir: data/web, weight: 0.7}, {dir: data/code,
+    # weight: 0.3}]'; when set it replaces `dir`.
+    sources: List[DataSourceConfig] = field(default_factory=list)
     prefetch: bool = True
 
 
@@ -118,19 +135,10 @@ class LoggingConfig:
 
 
 @dataclass
-class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
-    pp_schedule: str = "1F1B"
-    microbatches: int = 0          # pipeline micro-batches; 0 = global batch / micro_batch_size
-    virtual_stages: int = 1
-
-
-@dataclass
 class RunConfig:
     name: str = "layerskip"
+    # Deterministic (no timestamp) so that every rank of a distributed job agrees on it, and so that
+    # re-running the same command resumes from the latest checkpoint.
     run_dir: str = "runs/${name}"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,19 +151,41 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_run_config(overrides: list[str], conf_dir: str | Path = CONF_DIR) -> tuple[RunConfig, DictConfig]:
+    """Compose conf/config.yaml with command-line overrides into a validated RunConfig; also
+    returns the composed config (what the run directory records)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    conf_dir = Path(conf_dir)
+    for item in overrides:  # group=option: name the group and its options when the option is unknown
+        group, _, option = item.partition("=")
+        if (conf_dir / group).is_dir() and option and not (conf_dir / group / f"{option}.yaml").is_file():
+            choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+            raise ConfigError(f"{group}={option!r}: no such option; choose one of {', '.join(choices)}")
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        why = [str(e).strip().splitlines()[0] for e in (err, err.__cause__) if e is not None and str(e).strip()]
+        raise ConfigError(": ".join(why)) from None
+    return to_run_config(composed), composed
+
+
 def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     """Typed, validated RunConfig from a composed config (Hydra's `hydra` node is ignored)."""
-    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg.copy()
-    if "hydra" in raw:
-        with_flag = OmegaConf.to_container(raw, resolve=False)
-        with_flag.pop("hydra")
-        raw = OmegaConf.create(with_flag)
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    raw.pop("hydra", None)   # a plain copy: merging it into the schema rejects unknown keys
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
         run_cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        raise ConfigError(f"config key '{key}': {err.msg}" if key else str(err)) from None
+        raise ConfigError(f"config key {key!r}: {err.msg.splitlines()[0]}" if key else str(err)) from None
     validate(run_cfg)
     return run_cfg
 
@@ -176,7 +206,7 @@ def validate(cfg: RunConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     L = cfg.model.n_layers
-    ld, ee, tr, op = cfg.layerskip.layer_dropout, cfg.layerskip.early_exit, cfg.train, cfg.optim
+    ld, ee, tr, op, ev = cfg.layerskip.layer_dropout, cfg.layerskip.early_exit, cfg.train, cfg.optim, cfg.eval
     _require(0.0 <= ld.p_max < 1.0, "layerskip.layer_dropout.p_max", ld.p_max, "must be in [0, 1)")
     _one_of("layerskip.layer_dropout.depth_scale", ld.depth_scale, DEPTH_SCALES)
     _one_of("layerskip.layer_dropout.time_scale", ld.time_scale, TIME_SCALES)
@@ -197,9 +227,13 @@ def validate(cfg: RunConfig) -> None:
     _require(tr.seq_len <= cfg.model.max_seq_len, "train.seq_len", tr.seq_len,
              f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
     _require(tr.micro_batch_size >= 1, "train.micro_batch_size", tr.micro_batch_size, "must be >= 1")
-    dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
+    _require(tr.global_batch_size >= 1, "train.global_batch_size", tr.global_batch_size, "must be >= 1")
+    for key in ("dp_replicate", "dp_shard", "tp", "pp", "virtual_stages"):
+        value = getattr(cfg.parallel, key)
+        _require(value >= 1, f"parallel.{key}", value, "must be >= 1")
+    dp = parallel_dims(cfg.parallel).dp
     _require(tr.global_batch_size % dp == 0, "train.global_batch_size", tr.global_batch_size,
-             f"not divisible by the data-parallel degree {dp}")
+             f"not divisible by the data-parallel degree dp_replicate·dp_shard={dp}")
     _require((tr.global_batch_size // dp) % tr.micro_batch_size == 0, "train.global_batch_size",
              tr.global_batch_size,
              f"per-rank batch {tr.global_batch_size // dp} not divisible by train.micro_batch_size={tr.micro_batch_size}")
@@ -214,7 +248,88 @@ def validate(cfg: RunConfig) -> None:
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
-    _require(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "must be >= 0")
+    _require(ev.every >= 0, "eval.every", ev.every, "must be >= 0")
+    for key in ("batches", "batch_size", "max_draft_len"):
+        _require(getattr(ev, key) >= 1, f"eval.{key}", getattr(ev, key), "must be >= 1")
+    for key in ("decode_prompts", "decode_prompt_len", "decode_new_tokens"):
+        _require(getattr(ev, key) >= 0, f"eval.{key}", getattr(ev, key), "must be >= 0")
+    validate_data(cfg.data)
+
+
+def validate_data(data: DataConfig) -> None:
+    """data.dir, or data.sources: each with a dir and a finite weight > 0, names unique."""
+    if not data.sources:
+        _require(bool(data.dir), "data.dir", data.dir, "must name a prepared dataset")
+        return
+    seen: set[str] = set()
+    for i, source in enumerate(data.sources):
+        _require(bool(source.dir), f"data.sources[{i}].dir", source.dir, "must name a prepared dataset")
+        _require(source.weight > 0 and source.weight != float("inf"), f"data.sources[{i}].weight", source.weight,
+                 "must be a finite number > 0")
+        _require(not source.name or source.name not in seen, f"data.sources[{i}].name", source.name,
+                 "names must be unique")
+        seen.add(source.name)
+
+
+def parallel_dims(par: ParallelConfig) -> ParallelDims:
+    """The degrees as configured (check_layout resolves the schedule and micro-batches)."""
+    return ParallelDims(**dataclasses.asdict(par))
+
+
+def check_tensor_parallel_widths(model_cfg: ModelConfig, tp: int, tp_key: str = "parallel.tp") -> None:
+    """Every width tensor parallelism shards must divide by tp."""
+    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        width = getattr(model_cfg, key)
+        _require(width % tp == 0, f"model.{key}", width, f"not divisible by {tp_key}={tp} (tensor parallel shards it)")
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> ParallelDims:
+    """Resolve and check cfg.parallel against the model, the batch and the job's world size
+    (pure: before any process group exists); the resolved degrees."""
+    par, m, tr = cfg.parallel, cfg.model, cfg.train
     for key in ("dp_replicate", "dp_shard", "tp", "pp", "virtual_stages"):
-        value = getattr(cfg.parallel, key)
-        _require(value >= 1, f"parallel.{key}", value, "must be >= 1")
+        _require(getattr(par, key) >= 1, f"parallel.{key}", getattr(par, key), "must be >= 1")
+    dims = parallel_dims(par)
+    _require(dims.world_size == world_size, "parallel",
+             f"dp_replicate={par.dp_replicate} dp_shard={par.dp_shard} tp={par.tp} pp={par.pp}",
+             f"dp_replicate·dp_shard·tp·pp = {dims.world_size} but the job has world size {world_size} "
+             f"(processes launched); make the product equal the number of processes")
+    _require(not (tr.compile and world_size > 1), "train.compile", tr.compile, "torch.compile is used with one "
+             "process only (it fails in backward on tensor-parallel blocks and is untested with FSDP / "
+             "pipelining); set train.compile=false")
+    if par.tp > 1:
+        check_tensor_parallel_widths(m, par.tp)
+        _require(tr.seq_len % par.tp == 0, "train.seq_len", tr.seq_len, f"not divisible by parallel.tp={par.tp} "
+                 "(sequence parallel shards the sequence between blocks)")
+    local_batch = tr.global_batch_size // dims.dp if tr.global_batch_size % dims.dp == 0 else 0
+    _require(local_batch > 0, "train.global_batch_size", tr.global_batch_size,
+             f"not divisible by the data-parallel degree dp_replicate·dp_shard={dims.dp}")
+    _require(par.virtual_stages == 1 or par.pp > 1, "parallel.virtual_stages", par.virtual_stages,
+             "virtual stages need pipeline parallelism (parallel.pp > 1)")
+    if par.pp == 1:
+        _require(not par.microbatches or par.microbatches == local_batch // tr.micro_batch_size,
+                 "parallel.microbatches", par.microbatches, "only used with pipeline parallelism (parallel.pp > 1); "
+                 "without it train.micro_batch_size sets the gradient-accumulation split")
+        return dims
+    schedule = canonical_schedule(par.pp_schedule)
+    _require(schedule is not None, "parallel.pp_schedule", par.pp_schedule,
+             f"unknown schedule; choose one of {', '.join(SCHEDULES)}")
+    stages = dims.num_stages
+    _require(m.n_layers % stages == 0, "model.n_layers", m.n_layers, f"not divisible over parallel.pp·"
+             f"parallel.virtual_stages = {par.pp}·{par.virtual_stages} = {stages} pipeline stages")
+    _require(schedule not in SINGLE_STAGE_SCHEDULES or par.virtual_stages == 1, "parallel.virtual_stages",
+             par.virtual_stages, f"parallel.pp_schedule={schedule} runs one stage per rank; use virtual_stages=1 "
+             f"or an interleaved schedule ({', '.join(MULTI_STAGE_SCHEDULES)})")
+    _require(schedule not in MULTI_STAGE_SCHEDULES or par.virtual_stages >= 2, "parallel.virtual_stages",
+             par.virtual_stages, f"parallel.pp_schedule={schedule} needs virtual_stages >= 2 (stages per rank)")
+    micro = par.microbatches or local_batch // tr.micro_batch_size
+    _require(micro >= 1 and local_batch % micro == 0, "parallel.microbatches", par.microbatches,
+             f"{micro} micro-batches do not split the per-rank batch of {local_batch} "
+             "(train.global_batch_size / data-parallel degree) evenly")
+    _require(schedule == "GPipe" or micro >= par.pp, "parallel.microbatches", par.microbatches,
+             f"{micro} micro-batches per step but parallel.pp_schedule={schedule} needs at least parallel.pp={par.pp}")
+    _require(schedule not in MULTI_STAGE_SCHEDULES or micro % max(1, micro // par.pp) == 0, "parallel.microbatches",
+             par.microbatches, f"{schedule} needs micro-batches ({micro}) to be a multiple of the number of "
+             f"rounds ({micro // par.pp})")
+    dims.pp_schedule, dims.microbatches = schedule, micro
+    return dims

@@ -2,7 +2,7 @@
 
     python -m pretrain.generate --checkpoint runs/demo --prompt "def main(" --strategy self_speculative \\
         --exit-layer 2 --draft-len 4 [--adaptive-draft] [--dynamic-exit] \\
-        [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup] [--compile reduce-overhead] \
+        [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup] [--compile reduce-overhead] \\
         [--measure-costs]
 
 --checkpoint: a run directory (its newest checkpoint), a checkpoints/step_N directory, or a Hugging
@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, generate
 from pretrain.decoding.compiled import COMPILE_MODES
+from pretrain.model_loading import load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,15 +88,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
     return prompts
-
-
-def load_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Module, str | None]:
-    """(model, tokenizer.json path or None): a Hugging Face Llama directory or one of our checkpoints."""
-    from pretrain.checkpoint import load_model
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    return load_model(path, device=device)   # in eval mode
 
 
 def best_from_eval(checkpoint: str) -> dict:
@@ -155,7 +147,7 @@ def shard_over_launched_processes(model: torch.nn.Module, device: torch.device) 
         return True
     from torch.distributed.device_mesh import init_device_mesh
 
-    from parallel.layout import check_tensor_parallel_widths
+    from pretrain.config import check_tensor_parallel_widths
     from parallel.tensor_parallel import apply_tensor_parallel_for_decoding
 
     check_tensor_parallel_widths(model.cfg, world, tp_key="WORLD_SIZE (tensor-parallel decoding)")
@@ -187,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = read_prompts(args)
         device = select_device(args.device, local_rank())
-        model, tokenizer_path = load_checkpoint(args.checkpoint, device)
+        model, tokenizer_path = load_model(args.checkpoint, device=device)   # in eval mode
         printing = shard_over_launched_processes(model, device)
         if tokenizer_path is None:
             raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json next to it")

@@ -1,20 +1,31 @@
-"""Train: python -m pretrain.train [preset=demo|from_scratch|continual] [key=value ...]"""
+"""Train: python -m pretrain.train [preset=demo|from_scratch|continual] [group=option] [key=value ...]
+
+Overrides are Hydra's (conf/config.yaml lists the groups; every key of pretrain/config.py's
+dataclasses can be set). A bad value exits with code 2 and one line naming the key, before any
+work is done or anything is written to the run directory.
+"""
 from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from omegaconf import OmegaConf
 
-from pretrain.config import ConfigError, to_run_config
+from pretrain.config import ConfigError, compose_run_config
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(argv: list[str] | None = None) -> None:
+    overrides = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in overrides):
+        print(__doc__)
+        return
     from pretrain.trainer.loop import train
 
     try:
-        train(to_run_config(cfg))
+        cfg, composed = compose_run_config(overrides)
+        # Hydra's record of the run, written into the run directory once every check has passed
+        record = {"hydra/overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(overrides))),
+                  "hydra/config.yaml": OmegaConf.to_yaml(composed)}
+        train(cfg, record)
     except ConfigError as err:  # raised before any work is done, and names the key
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

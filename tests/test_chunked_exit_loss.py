@@ -12,8 +12,8 @@ from parallel_scripts.launch import torchrun
 from pretrain.config import ConfigError, RunConfig, validate
 from pretrain.layerskip.early_exit_loss import IGNORE_INDEX, early_exit_loss
 from pretrain.layerskip.plan import step_plan
-from pretrain.model import LayerSkipTransformer
-from pretrain.trainer.step import train_step
+from pretrain.model import LayerSkipTransformer, ModelConfig
+from conftest import one_process_trainer, tiny_run_config
 
 RTOL = 1e-5
 
@@ -70,31 +70,29 @@ def test_loss_and_gradients_equal_whole_logits_cross_entropy(tiny_cfg, tie, chun
 
 @pytest.mark.parametrize("curriculum", ["none", "rotational", "gradual"])
 def test_training_steps_equal_plain_path_for_every_curriculum(curriculum):
-    cfg = RunConfig()
-    m = cfg.model
-    m.vocab_size, m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.max_seq_len = 61, 32, 4, 4, 2, 64, 16
-    cfg.train.steps = 4
-    cfg.layerskip.early_exit.curriculum, cfg.layerskip.early_exit.rotation_period = curriculum, 3
-    cfg.layerskip.early_exit.gradual_steps = 3
-    cfg.layerskip.layer_dropout.p_max, cfg.layerskip.layer_dropout.time_scale = 0.5, "constant"
-    torch.manual_seed(1)
-    base = LayerSkipTransformer(m)
+    """The Trainer's steps (2 micro-batches, layer dropout on) with the chunked loss vs plain."""
+    m = ModelConfig(vocab_size=61, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
     runs = {}
     for chunk in (0, 7):
-        model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)  # updates follow the gradients linearly
+        cfg = tiny_run_config(m, batch=4, micro_batch=2, seq_len=12, steps=4)
+        ee, ld = cfg.layerskip.early_exit, cfg.layerskip.layer_dropout
+        ee.curriculum, ee.rotation_period, ee.gradual_steps, ee.loss_chunk_tokens = curriculum, 3, 3, chunk
+        ld.p_max, ld.time_scale = 0.5, "constant"
+        torch.manual_seed(1)
+        trainer = one_process_trainer(cfg, LayerSkipTransformer(m))
         losses = []
         for step in range(cfg.train.steps):
             tokens, targets = batch(n=4, t=12, vocab=61, seed=step, ignored=0)
             b = {"tokens": tokens, "targets": targets, "sample_ids": torch.arange(4 * step, 4 * step + 4)}
-            r = train_step(model, opt, step_plan(cfg, step), b, micro_batch_size=2, step_tokens=48, chunk_tokens=chunk)
+            r = trainer.train_step(step_plan(cfg, step), b)
             losses.append((r.loss, r.exit_losses, r.grad_norm))
-        runs[chunk] = losses, model.state_dict()
+        runs[chunk] = losses, trainer.model_parts[0].state_dict()
     for (l0, e0, g0), (l1, e1, g1) in zip(runs[0][0], runs[7][0]):
         assert abs(l1 - l0) / l0 < RTOL and abs(g1 - g0) / g0 < RTOL
         assert e1.keys() == e0.keys() and all(abs(e1[k] - e0[k]) / e0[k] < RTOL for k in e0)
-    for name, value in runs[0][1].items():
-        torch.testing.assert_close(runs[7][1][name], value, rtol=RTOL, atol=1e-6)
+    assert len({tuple(e) for _, e, _ in runs[0][0]}) > 1 or curriculum == "none"  # exits really changed
+    for name, value in runs[0][1].items():  # AdamW: weights compared well under lr, as the parallel tests
+        torch.testing.assert_close(runs[7][1][name], value, rtol=0, atol=2e-4)
 
 
 def test_nothing_vocabulary_sized_is_kept_for_backward(tiny_model):

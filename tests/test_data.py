@@ -414,7 +414,7 @@ def test_prepare_errors(tmp_path, corpus):
         prepare_dataset(tmp_path / "x", inputs=[str(corpus / "doc00.txt")], vocab_size=300, seq_len=100000)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1.*'text'.*--jsonl-field"):
+    with pytest.raises(ValueError, match="bad.jsonl:1.*'text'.*--text-field"):
         prepare_dataset(tmp_path / "x", inputs=[str(bad)])
     assert prepare_main(["--out", str(tmp_path / "x"), "--inputs", str(tmp_path / "missing.txt")]) == 2
     m = prepare_dataset(tmp_path / "y", inputs=[str(bad)], jsonl_field="body", vocab_size=260, seq_len=1,

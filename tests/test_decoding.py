@@ -3,59 +3,10 @@ every exit and draft length; ragged batches; EOS; the lossy strategies; statisti
 import pytest
 import torch
 
+from conftest import NEW, PROMPTS, make_model, reference_greedy
 from pretrain.decoding import DecodeOptions, generate
-from pretrain.model import LayerSkipTransformer, ModelConfig
 
-
-def make_model(vocab=64, layers=6, weak_from=2, scale=0.5, seed=0, embed_scale=2.0):
-    """Random model whose blocks from `weak_from` on barely change the residual stream, so early
-    exits often (not always) agree with the final layer: both acceptance and rejection happen."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                      max_seq_len=128)
-    model = LayerSkipTransformer(cfg).eval()
-    with torch.no_grad():
-        model.tok_embeddings.weight.mul_(embed_scale)  # sharper logits: no near-ties
-        for i in range(weak_from, layers):
-            model.layers[str(i)].attention.wo.weight.mul_(scale)
-            model.layers[str(i)].feed_forward.w2.weight.mul_(scale)
-    return model
-
-
-@torch.no_grad()
-def reference_greedy(model, prompt, n, eos=None, exit_layer=None):
-    """Independent of pretrain.decoding: no cache, the whole forward recomputed for every token."""
-    tokens = list(prompt)
-    for _ in range(n):
-        nxt = int(model.logits(torch.tensor([tokens]), exit_layer=exit_layer)[0, -1].argmax())
-        tokens.append(nxt)
-        if nxt == eos:
-            break
-    return tokens[len(prompt):]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and several threads on a busy 2-core machine slow
-    down by 10-50x (workers spinning for cores they do not get)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12], [40, 41, 42, 43]]
-NEW = 16
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def expected(model):
-    return [reference_greedy(model, p, NEW) for p in PROMPTS]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_greedy_self_speculative_is_exact_for_every_exit_and_draft_length(model, expected):

@@ -2,12 +2,14 @@
 they should."""
 import pytest
 import torch
-from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread, reference_greedy  # noqa: F401
+from conftest import NEW, PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import generate
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.dynamic_exit import DynamicExit
 from schedules.speedup import expected_tokens_per_layer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("options", [

@@ -4,7 +4,7 @@ against a fresh prefill of the committed tokens."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_decoding import PROMPTS, make_model, one_thread, reference_greedy  # noqa: F401
+from conftest import PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import ExitQueryCache, SamplingConfig, StaticKVCache
 from pretrain.decoding.runner import BlockRunner
@@ -12,6 +12,8 @@ from pretrain.decoding.self_speculative import speculative_round
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stats import DecodeStats
 from pretrain.decoding.stepwise import prefill
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def attend(cache, layer, q, k, v):

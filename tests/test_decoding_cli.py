@@ -3,12 +3,14 @@ import json
 
 import pytest
 import torch
-from test_decoding import make_model, one_thread, reference_greedy  # noqa: F401
+from conftest import make_model, reference_greedy
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pretrain import generate as cli
 
 WORDS = ["<|endoftext|>"] + [f"w{i}" for i in range(63)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(text):
@@ -28,7 +30,7 @@ def tokenizer_file(tmp_path_factory):
 def fake_checkpoint(monkeypatch, tokenizer_file):
     """The loader returns a small model in memory: no dependence on the checkpoint format."""
     model = make_model()
-    monkeypatch.setattr(cli, "load_checkpoint", lambda path, device: (model, tokenizer_file))
+    monkeypatch.setattr(cli, "load_model", lambda path, device: (model, tokenizer_file))
     return model
 
 

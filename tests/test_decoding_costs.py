@@ -1,13 +1,15 @@
 """Decode cost model: the round cost formula matches the block and head calls the decoder makes,
 measured costs steer the dynamic exit without changing greedy output, and bad input is refused."""
 import pytest
-from test_decoding import NEW, PROMPTS, expected, make_model, model, one_thread  # noqa: F401
+from conftest import NEW, PROMPTS, make_model
 
 from pretrain.decoding import generate
 from pretrain.decoding.cost_model import measure_decode_costs
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.runner import BlockRunner
 from schedules.speedup import DecodeCosts, expected_speedup_with_costs, round_cost
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_round_cost_counts_what_the_decoder_runs(model, monkeypatch):

@@ -5,17 +5,17 @@ import itertools
 
 import pytest
 import torch
-from test_decoding import one_thread  # noqa: F401  (autouse fixture)
+from conftest import build_tiny_model
 
 from pretrain.decoding import SamplingConfig, generate
 from pretrain.decoding.sampling import probabilities
-from pretrain.model import LayerSkipTransformer, ModelConfig
+from pretrain.model import LayerSkipTransformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vocab_model(vocab: int, seed: int = 3) -> LayerSkipTransformer:
-    torch.manual_seed(seed)
-    return LayerSkipTransformer(ModelConfig(vocab_size=vocab, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
-                                            ffn_dim=128, max_seq_len=32, init_std=0.1)).eval()
+    return build_tiny_model(seed, vocab_size=vocab, dim=64, ffn_dim=128, init_std=0.1).eval()
 
 
 def processed_probs(logits, temperature, top_k, top_p):

@@ -6,19 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import make_batch
 from pretrain.layerskip.early_exit_loss import early_exit_loss
 from pretrain.layerskip.plan import StepPlan
-from pretrain.trainer.step import forward_backward, split_micro_batches
-
-
-def make_batch(n=8, t=12, vocab=97, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(0, vocab, (n, t + 1), generator=g)
-    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "sample_ids": torch.arange(40, 40 + n)}
+from pretrain.trainer.step import LayerSkipStep, split_micro_batches
+from parallel.stage import as_stage
 
 
 def test_loss_is_weighted_sum_of_exit_cross_entropies(tiny_model):
-    batch = make_batch()
+    batch = make_batch(first_id=40)
     weights = {2: 0.25, 4: 0.75}
     hiddens = tiny_model(batch["tokens"], exits=weights)
     loss, per_exit = early_exit_loss(tiny_model.exit_logits, hiddens, batch["targets"], weights,
@@ -33,19 +29,19 @@ def test_loss_is_weighted_sum_of_exit_cross_entropies(tiny_model):
 def test_exits_that_are_off_compute_no_head(tiny_model):
     calls = []
     tiny_model.output.register_forward_hook(lambda *a: calls.append(1))
-    batch = make_batch()
+    batch = make_batch(first_id=40)
     hiddens = tiny_model(batch["tokens"], exits=[4])
     early_exit_loss(tiny_model.exit_logits, hiddens, batch["targets"], {4: 1.0}, 96)
     assert len(calls) == 1
 
 
-def _grads_for_split(model, plan, batch, micro):
-    model = copy.deepcopy(model)
-    total = 0.0
+def _grads_for_split(model, plan, batch, micro, checkpoint_heads):
+    """The trainer's LayerSkip step (the whole model as one part) over micro-batches of `micro`."""
+    model = as_stage(copy.deepcopy(model), 0, model.cfg.n_layers)
+    step = LayerSkipStep(plan, batch["targets"].numel(), checkpoint_heads=checkpoint_heads)
     for mb in split_micro_batches(batch, micro):
-        loss, _, _ = forward_backward(model, plan, mb, step_tokens=batch["targets"].numel(),
-                                      dtype="float32", checkpoint_heads=False)
-        total += float(loss)
+        model(mb["tokens"], step=step, targets=mb["targets"], sample_ids=mb["sample_ids"]).backward()
+    total = sum(plan.exit_weights[l] * float(v) for l, v in step.exit_sums.items())
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -53,7 +49,7 @@ def _grads_for_split(model, plan, batch, micro):
 def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_heads):
     plan = StepPlan(step=3, drop_rates=(0.0, 0.2, 0.4, 0.6), exit_weights={1: 0.1, 3: 0.3, 4: 0.6},
                     dropout_seed=5)
-    batch = make_batch(n=8)
+    batch = make_batch(n=8, first_id=40)
     # Independent computation: whole batch at once, loss written out per exit with a token mean.
     ref_model = copy.deepcopy(tiny_model)
     keep = plan.keep_masks(batch["sample_ids"])
@@ -63,7 +59,7 @@ def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_head
     ref_loss.backward()
     ref_grads = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
     for micro in (8, 4, 2, 1):
-        loss, grads = _grads_for_split(tiny_model, plan, batch, micro)
+        loss, grads = _grads_for_split(tiny_model, plan, batch, micro, checkpoint_heads)
         assert abs(loss - ref_loss.item()) < 1e-5
         assert grads.keys() == ref_grads.keys()
         for name in grads:

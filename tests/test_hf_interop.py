@@ -305,7 +305,7 @@ def test_cli_export_round_trip_and_import(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(copy(input_ids=tokens).logits, hf(input_ids=tokens).logits, atol=0, rtol=0)
 
-    from pretrain.checkpoint.inference import load_model
+    from pretrain.model_loading import load_model
 
     assert cli(["import", "--hf", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 0
     assert "checkpoint" in json.loads(capsys.readouterr().out)

@@ -47,17 +47,6 @@ def test_dropped_rows_pass_unchanged_and_are_not_computed(tiny_model):
     assert rows_run == expected_rows
 
 
-def test_empty_block_still_runs_when_asked(tiny_model):
-    """Sharded runs need every rank to call every block (FSDP all-gathers inside it)."""
-    tiny_model.skip_empty_blocks = False
-    counter = RowCounter(tiny_model)
-    keep = torch.ones(4, 3, dtype=torch.bool)
-    keep[1] = False
-    with torch.no_grad():
-        tiny_model(torch.randint(0, 97, (3, 5)), keep=keep)
-    assert counter.rows[1] == 0 and 1 in counter.rows
-
-
 def test_decisions_do_not_depend_on_micro_batch_split():
     plan = StepPlan(step=7, drop_rates=(0.0, 0.3, 0.5, 0.7), exit_weights={4: 1.0}, dropout_seed=11)
     ids = torch.arange(100, 132)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import build_tiny_model
 from pretrain.model import LayerSkipTransformer, ModelConfig
 
 
@@ -75,9 +76,8 @@ def test_exit_head_is_shared(tiny_model):
 
 
 def test_tied_embeddings_share_storage():
-    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64,
-                      max_seq_len=16, tie_embeddings=True)
-    model = LayerSkipTransformer(cfg)
+    model = build_tiny_model(vocab_size=50, n_layers=2, n_kv_heads=4, max_seq_len=16, tie_embeddings=True)
+    cfg = model.cfg
     assert model.output.weight is model.tok_embeddings.weight
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
 
@@ -91,8 +91,7 @@ def test_bad_shapes_name_the_key():
         ModelConfig(n_heads=8, n_kv_heads=3).validate()
     with pytest.raises(ValueError, match="model.n_heads"):
         ModelConfig(dim=100, n_heads=8).validate()
-    model = LayerSkipTransformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4,
-                                             n_kv_heads=2, ffn_dim=64, max_seq_len=8))
+    model = build_tiny_model(vocab_size=50, n_layers=2, max_seq_len=8)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="exit layer 3 outside 1..2"):

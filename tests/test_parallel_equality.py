@@ -1,7 +1,7 @@
 """Every parallel layout trains exactly like one process: same seed and global batch, layer
 dropout and rotational early-exit loss on (exits on every pipeline stage), losses at every step
-within 1e-5 relative and final weights within float32 noise, against the single-process trainer's
-step computed inside the script. One torchrun launch per world size (gloo, CPU).
+within 1e-5 relative and final weights within float32 noise, against a one-process reference
+step written without the trainer, computed inside the script. One torchrun launch per world size (gloo, CPU).
 
 Adam turns gradient noise of ~1e-9 on near-zero gradients into updates of up to lr, so weights
 are compared with an absolute tolerance well under lr (1e-2) rather than at 1e-7.

@@ -2,8 +2,8 @@
 offending key. Also the stage split and the FLOP count used for MFU."""
 import pytest
 
-from parallel.layout import check_layout, stage_layer_ranges, stages_of_rank
-from pretrain.config import ConfigError, RunConfig
+from parallel.stage import stage_layer_ranges, stages_of_rank
+from pretrain.config import ConfigError, RunConfig, check_layout
 
 
 def cfg(**parallel) -> RunConfig:

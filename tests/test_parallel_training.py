@@ -47,12 +47,10 @@ def metrics_losses(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, prepared_data):
     """All launches of this module, in dependency order; the tests check their parts."""
     tmp = tmp_path_factory.mktemp("ptrain")
-    data = tmp / "stdlib"
-    subprocess.run([sys.executable, "-m", "pretrain.data.prepare", "--out", str(data), "--max-files", "40",
-                    "--vocab-size", "512", "--seq-len", "32"], check=True, capture_output=True, timeout=300)
+    data = prepared_data
     out = {"tmp": tmp, "data": data}
     reference = train(run_config(data, tmp / "single", "train.peak_flops=1e12"))["losses"]
     out["single"] = {str(k): v for k, v in reference.items()}
@@ -109,7 +107,7 @@ def test_dp2_to_dp4_and_back_over_two_launcher_nodes(runs):
 
 def test_hf_export_from_a_tp2_pp2_checkpoint(runs, tmp_path):
     """The distributed checkpoint loads into one process (DCP reshards) and exports to the HF layout."""
-    from pretrain.checkpoint.inference import load_model
+    from pretrain.model_loading import load_model
     from pretrain.hf_interop import load_hf_checkpoint, save_hf_checkpoint
 
     ckpt = runs["tmp"] / "reshard_tppp" / "checkpoints" / "step_00000003"

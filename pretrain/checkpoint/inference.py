@@ -1,13 +1,13 @@
-"""Load a model for evaluation or decoding from a run directory, a checkpoint, or an HF Llama dir."""
+"""Where a run keeps its model: the newest checkpoint of a run directory, its shape and tokenizer.
+(pretrain.model_loading loads a model from these or from a Hugging Face directory.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.store import find_latest_checkpoint, is_checkpoint, load_model_weights
-from pretrain.model import LayerSkipTransformer, ModelConfig
+from pretrain.checkpoint.store import find_latest_checkpoint, is_checkpoint
+from pretrain.model import ModelConfig
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -34,18 +34,3 @@ def tokenizer_of_checkpoint(ckpt: Path) -> str | None:
         if candidate.is_file():
             return str(candidate)
     return None
-
-
-def load_model(path: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[LayerSkipTransformer, str | None]:
-    """(model in eval mode, tokenizer.json path or None) from our checkpoint or an HF Llama dir."""
-    path = Path(path)
-    if (path / "config.json").is_file() and not is_checkpoint(path):
-        from pretrain.hf_interop import load_hf_checkpoint
-
-        model, tokenizer = load_hf_checkpoint(path, dtype=dtype, device=device)
-        return model.eval(), tokenizer
-    ckpt = resolve_checkpoint(path)
-    model = LayerSkipTransformer(model_config_of_checkpoint(ckpt))
-    load_model_weights(ckpt, model)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer_of_checkpoint(ckpt)

@@ -1,26 +1,42 @@
-"""Where documents come from: text files, directories, JSONL, or by default the running
-interpreter's own standard-library sources (real text on every machine, no download).
+"""Where documents come from: text files, directories, JSON lines (.jsonl, .jsonl.gz, .jsonl.zst),
+Parquet, or by default the running interpreter's own standard-library sources (real text on every
+machine, no download).
 
 Every document has a `name` that is independent of where the corpus lies on disk (a path
-relative to the directory it was found in, `file.jsonl:LINE` for JSONL records); the
-train/validation split hashes it, so the split is the same on every machine.
+relative to the directory it was found in, `file.jsonl:LINE` for a JSON line, `file.parquet:ROW`
+for a Parquet row, both counted from 1); the train/validation split hashes it, so the split is the
+same on every machine. Documents are read one at a time (Parquet in row batches): memory does not
+grow with the corpus.
+
+Bad input (a file that cannot be read, a line that is not JSON or lacks the text field, text that
+is not UTF-8) raises BadInputError naming the file and line, or, with the `skip` policy, is left
+out and counted in BadRecords; never silently replaced.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".jsonl.zst", ".ndjson.zst")
+PARQUET_SUFFIXES = (".parquet",)
 TEST_DIRS = ("test", "tests", "idle_test")
+BAD_RECORD_POLICIES = ("error", "skip")
 _BINARY_SNIFF = 8192
+_PARQUET_BATCH_ROWS = 1024
+
+
+class BadInputError(ValueError):
+    """An input that cannot be used as it is; the message starts with `file[:line]:`."""
 
 
 @dataclass(frozen=True)
 class Document:
-    name: str    # stable identity (relative path, or path:line for JSONL) used for the train/val split
+    name: str    # stable identity (relative path, or path:line for records) used for the train/val split
     text: str
 
 
@@ -28,6 +44,33 @@ class Document:
 class SourceFile:
     path: Path   # where to read it
     name: str    # its stable name (relative to the input directory, or the file name)
+
+
+@dataclass
+class BadRecords:
+    """What to do with bad input: `error` raises at the first one, `skip` counts it (per reason,
+    with the first few places) and goes on."""
+    policy: str = "error"
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.policy not in BAD_RECORD_POLICIES:
+            raise ValueError(f"--on-bad-record={self.policy!r}: choose one of {', '.join(BAD_RECORD_POLICIES)}")
+
+    def report(self, where: str, reason: str, detail: str) -> None:
+        if self.policy == "error":
+            raise BadInputError(f"{where}: {detail} (--on-bad-record skip leaves such records out, counted)")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {detail}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "skipped": dict(sorted(self.counts.items())), "examples": self.examples}
 
 
 def stdlib_root() -> Path:
@@ -45,9 +88,18 @@ def is_generated_codec_table(path: Path) -> bool:
         return b"generated from" in f.read(200)
 
 
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def stdlib_files(include_tests: bool = False) -> list[SourceFile]:
     """The interpreter's standard-library `.py` files, sorted; never site-packages, nor the
-    generated codec tables, and test packages only with `include_tests`."""
+    generated codec tables, and test packages only with `include_tests` (without their few
+    deliberately non-UTF-8 fixtures)."""
     root = stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"the standard library directory {root} does not exist; pass --inputs")
@@ -56,7 +108,8 @@ def stdlib_files(include_tests: bool = False) -> list[SourceFile]:
         rel = path.relative_to(root).parts
         if "site-packages" in rel or "dist-packages" in rel:
             continue
-        if not include_tests and any(p in TEST_DIRS for p in rel[:-1]):
+        in_tests = any(p in TEST_DIRS for p in rel[:-1])
+        if in_tests and (not include_tests or not _is_utf8(path)):  # a few test fixtures are latin-1 / koi8-r on purpose
             continue
         if path.is_file() and not is_generated_codec_table(path):
             files.append(SourceFile(path, "stdlib/" + "/".join(rel)))
@@ -79,42 +132,140 @@ def expand_inputs(inputs: list[str], pattern: str = "*") -> list[SourceFile]:
     return files
 
 
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" in f.read(_BINARY_SNIFF)
+def file_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
 
 
-def read_documents(files: list[SourceFile], jsonl_field: str = "text",
-                   max_bytes: int | None = None) -> Iterator[Document]:
-    """Documents in file order; .jsonl files give one document per non-empty line (its
-    `jsonl_field`). Binary files (a NUL byte near the start) are skipped. Stops once `max_bytes`
-    of UTF-8 text has been produced (the document crossing the limit is included)."""
+def _open_lines(path: Path) -> io.BufferedIOBase:
+    """A binary stream of the decompressed file (.gz, .zst, or plain)."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise BadInputError(f"{path}: reading .zst needs the zstandard package "
+                                "(pip install zstandard)") from None
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def _json_records(source: SourceFile, field_name: str, bad: BadRecords) -> Iterator[Document]:
+    path = source.path
+    lineno = 0
+    try:
+        with _open_lines(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    bad.report(where, "not_utf8", f"not UTF-8 text ({err.reason} at byte {err.start} of the line)")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    bad.report(where, "invalid_json", f"not a JSON object ({err.msg}, column {err.colno})")
+                    continue
+                if not isinstance(record, dict) or field_name not in record:
+                    what = f"keys {sorted(record)[:8]}" if isinstance(record, dict) else type(record).__name__
+                    bad.report(where, "missing_field", f"no field {field_name!r} (a record with {what}); "
+                                                       "see --text-field")
+                    continue
+                text = record[field_name]
+                if not isinstance(text, str):
+                    bad.report(where, "not_a_string", f"field {field_name!r} is a {type(text).__name__}, "
+                                                      "not a string")
+                    continue
+                yield Document(f"{source.name}:{lineno}", text)
+    except (OSError, EOFError) as err:  # truncated or corrupt compressed stream, unreadable file
+        bad.report(f"{path}:{lineno + 1}", "unreadable_file", f"cannot be read past here ({err})")
+    except Exception as err:
+        if type(err).__module__.startswith("zstandard"):
+            bad.report(f"{path}:{lineno + 1}", "unreadable_file", f"cannot be read past here ({err})")
+        else:
+            raise
+
+
+def _parquet_records(source: SourceFile, field_name: str, bad: BadRecords) -> Iterator[Document]:
+    path = source.path
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadInputError(f"{path}: reading Parquet needs pyarrow (pip install "
+                            "'layerskip-pretrain[parquet]' or pyarrow)") from None
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError
+        bad.report(str(path), "unreadable_file", f"not a readable Parquet file ({err})")
+        return
+    columns = reader.schema_arrow.names
+    if field_name not in columns:
+        bad.report(str(path), "missing_field", f"no column {field_name!r} (it has {columns[:8]}); see --text-field")
+        return
+    row = 0
+    try:
+        for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field_name]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if not isinstance(text, str):
+                    bad.report(f"{path}:{row}", "not_a_string",
+                               f"column {field_name!r} is {type(text).__name__}, not a string")
+                    continue
+                yield Document(f"{source.name}:{row}", text)
+    except Exception as err:
+        if isinstance(err, BadInputError):
+            raise
+        bad.report(f"{path}:{row + 1}", "unreadable_file", f"cannot be read past row {row} ({err})")
+
+
+def _text_file(source: SourceFile, bad: BadRecords) -> Iterator[Document]:
+    path = source.path
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        bad.report(str(path), "unreadable_file", f"cannot be read ({err.strerror})")
+        return
+    if b"\0" in raw[:_BINARY_SNIFF]:
+        bad.counts["binary_file"] = bad.counts.get("binary_file", 0) + 1  # directories hold such files
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        bad.report(f"{path}:{line}", "not_utf8", f"not UTF-8 text ({err.reason} at byte {err.start})")
+        return
+    yield Document(source.name, text)
+
+
+def read_documents(files: list[SourceFile], text_field: str = "text", max_bytes: int | None = None,
+                   bad: BadRecords | None = None) -> Iterator[Document]:
+    """Documents in file order, one at a time; JSON-lines and Parquet files give one document per
+    record (its `text_field`). Binary text files (a NUL byte near the start) are skipped and
+    counted. Stops once `max_bytes` of UTF-8 text has been produced (the document crossing the
+    limit is included)."""
+    bad = bad if bad is not None else BadRecords()
     total = 0
     for source in files:
-        path = source.path
-        if path.suffix in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[jsonl_field]
-                    except (json.JSONDecodeError, KeyError, TypeError) as err:
-                        raise ValueError(f"{path}:{lineno}: not a JSON object with a field "
-                                         f"{jsonl_field!r} ({type(err).__name__}: {err}); "
-                                         f"see --jsonl-field") from None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{lineno}: field {jsonl_field!r} is a "
-                                         f"{type(text).__name__}, not a string")
-                    total += len(text.encode())
-                    yield Document(f"{source.name}:{lineno}", text)
-                    if max_bytes and total >= max_bytes:
-                        return
+        kind = file_kind(source.path)
+        if kind == "jsonl":
+            docs = _json_records(source, text_field, bad)
+        elif kind == "parquet":
+            docs = _parquet_records(source, text_field, bad)
         else:
-            if _looks_binary(path):
-                continue
-            text = path.read_text(encoding="utf-8", errors="replace")
-            total += len(text.encode())
-            yield Document(source.name, text)
-            if max_bytes and total >= max_bytes:
-                return
+            docs = _text_file(source, bad)
+        for doc in docs:
+            yield doc
+            if max_bytes:
+                total += len(doc.text.encode())
+                if total >= max_bytes:
+                    return

@@ -4,7 +4,10 @@ On open, every shard listed in manifest.json is checked (it exists, has the reco
 members are exactly the expected `<id>.tokens.npy` names, equally sized, with the manifest's
 dtype and shape) and its member headers are scanned once for the byte offset of each sample's
 array data. A sample is then one positioned read. Problems are reported when the dataset is
-opened, naming the file. Shard sha256 sums are checked with `verify=True` or `.verify()`.
+opened, naming the file. Every shard is checked against the sha256 in the manifest the first
+time a sample is read from it (all of them at once with `verify=True` or `.verify()`), and every
+batch read is checked for token ids beyond the manifest's vocab_size, so damaged bytes or a
+manifest that understates the vocabulary give a DataError naming the file, not wrong training.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pretrain.data.shards import FORMAT_VERSION, KEY_DIGITS, MEMBER_SUFFIX, file_sha256, sample_key
 
@@ -114,7 +118,9 @@ class PackedDataset:
         self._starts = np.asarray(starts, dtype=np.int64)
         self._len = total
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._verified: set[int] = set(range(len(self._files))) if verify else set()
         self._lock = threading.Lock()
+        self.source_names = [self.data_dir.name or str(self.data_dir)]
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -225,13 +231,14 @@ class PackedDataset:
 
     def _verify_shard(self, path: Path, shard: dict) -> None:
         if "sha256" in shard and file_sha256(path) != shard["sha256"]:
-            raise DataError(f"shard {path} fails its sha256 check ({self._manifest_path.name}): corrupt; "
-                            "re-run prepare")
+            raise DataError(f"shard {path} fails its sha256 check ({self._manifest_path.name}): its bytes "
+                            "changed after prepare wrote it (disk or copy damage); re-run prepare")
 
     def verify(self) -> None:
         """Check every shard of this split against the sha256 recorded in the manifest."""
-        for path, shard in zip(self._files, self._shards):
+        for i, (path, shard) in enumerate(zip(self._files, self._shards)):
             self._verify_shard(path, shard)
+            self._verified.add(i)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -246,8 +253,16 @@ class PackedDataset:
     def tokenizer_path(self) -> Path:
         return self.data_dir / self.manifest.get("tokenizer", "tokenizer.json")
 
+    def source_of(self, sample_ids) -> torch.Tensor:
+        """Source index of each sample id: one source, all 0 (see MixedDataset)."""
+        return torch.zeros(len(sample_ids), dtype=torch.int64)
+
     def _fd(self, shard: int) -> int:
-        """An open descriptor for a shard (at most MAX_OPEN_SHARDS kept open); call under _lock."""
+        """An open descriptor for a shard (at most MAX_OPEN_SHARDS kept open), its checksum
+        verified on first use; call under _lock."""
+        if shard not in self._verified:
+            self._verify_shard(self._files[shard], self._shards[shard])
+            self._verified.add(shard)
         fd = self._fds.get(shard)
         if fd is None:
             if len(self._fds) >= MAX_OPEN_SHARDS:
@@ -280,7 +295,9 @@ class PackedDataset:
         if len(raw) != self._sample_bytes:
             raise DataError(f"shard {self._files[shard]}: sample {index} is cut short (file truncated "
                             "after it was opened)")
-        return np.frombuffer(raw, dtype=self.dtype).astype(np.int64)
+        sample = np.frombuffer(raw, dtype=self.dtype).astype(np.int64)
+        self._check_vocab(sample, [index])
+        return sample
 
     def get_many(self, indices) -> np.ndarray:
         """Samples `indices` stacked: int64 [len(indices), seq_len + 1]."""
@@ -288,6 +305,14 @@ class PackedDataset:
         for row, index in enumerate(indices):
             out[row] = self[index]
         return out
+
+    def _check_vocab(self, rows: np.ndarray, indices) -> None:
+        if rows.size and int(rows.max()) >= self.vocab_size:
+            bad = int(np.flatnonzero((rows.reshape(len(indices), -1) >= self.vocab_size).any(axis=1))[0])
+            path, _ = self.locate(indices[bad])
+            raise DataError(f"shard {path}: sample {int(indices[bad])} holds token id {int(rows.max())} >= the "
+                            f"vocab_size {self.vocab_size} of {self._manifest_path}: the manifest understates "
+                            "the vocabulary or the shard is damaged; re-run prepare")
 
     def close(self) -> None:
         for fd in getattr(self, "_fds", {}).values():

@@ -4,7 +4,9 @@ The sample stream is a per-epoch permutation of all samples (numpy Generator see
 (seed, epoch)), concatenated across epochs; optimizer step k takes positions [k·B, (k+1)·B) of
 it (a batch may straddle two epochs). The ids of a step are a pure function of (seed, step), so
 a run resumed at step k sees exactly the samples an uninterrupted run would, and data-parallel
-rank r of D takes the r-th contiguous slice of the global batch, for any D.
+rank r of D takes the r-th contiguous slice of the global batch, for any D. With several sources
+(a MixedDataset) the stream is pretrain.data.mixture.MixtureSampler's, a pure function of
+(seed, position) as well.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from pretrain.data.dataset import PackedDataset
+from pretrain.data.mixture import MixtureSampler
 
 Batch = dict[str, torch.Tensor]
 
@@ -61,6 +64,17 @@ class GlobalBatchSampler:
             ids[mask] = self.permutation(int(epoch))[within[mask]]
         return ids
 
+    def source_counts(self, positions: int) -> np.ndarray:
+        """One source: all of stream positions [0, positions)."""
+        return np.asarray([int(positions)], dtype=np.int64)
+
+
+def make_sampler(dataset, global_batch_size: int, seed: int):
+    """The global-batch sampler of a dataset: a mixture when it has several weighted sources."""
+    if len(getattr(dataset, "source_names", ())) > 1:
+        return MixtureSampler(dataset.sizes, dataset.weights, global_batch_size, seed)
+    return GlobalBatchSampler(len(dataset), global_batch_size, seed)
+
 
 def rank_slice(ids: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
     """The `dp_rank`-th of `dp_size` contiguous equal parts of a global batch."""
@@ -97,7 +111,7 @@ class TrainBatches:
             raise ValueError(f"start_step={start_step} must be >= 0")
         self.dataset, self.seed, self.global_batch_size = dataset, int(seed), int(global_batch_size)
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.sampler = GlobalBatchSampler(len(dataset), global_batch_size, seed)
+        self.sampler = make_sampler(dataset, global_batch_size, seed)
         self.next_step = int(start_step)
         self.prefetch = int(prefetch)
         self.pin_memory = pin_memory and torch.cuda.is_available()
@@ -139,14 +153,28 @@ class TrainBatches:
         finally:
             worker.stop()
 
+    def tokens_seen(self, steps: int) -> dict[str, int]:
+        """Training tokens each source has given over optimizer steps [0, steps) (all ranks
+        together): a function of the stream, so it stays exact across resumes and layouts."""
+        counts = self.sampler.source_counts(int(steps) * self.global_batch_size)
+        return {name: int(n) * self.dataset.seq_len for name, n in zip(self.dataset.source_names, counts)}
+
+    def _sources(self) -> list:
+        """[samples, weight] per source (names may change with a directory; order and sizes may not)."""
+        weights = getattr(self.dataset, "weights", [1.0])
+        return [[int(k), float(w)] for k, w in zip(getattr(self.dataset, "sizes", [len(self.dataset)]), weights)]
+
     def state_dict(self) -> dict:
         return {"next_step": self.next_step, "seed": self.seed, "global_batch_size": self.global_batch_size,
-                "num_samples": len(self.dataset)}
+                "num_samples": len(self.dataset), "sources": self._sources()}
 
     def load_state_dict(self, state: dict) -> None:
+        def norm(key, value):  # a checkpoint may hand back tuples for lists
+            return [list(map(float, x)) for x in value] if key == "sources" else value
+
         for key, have in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
-                          ("num_samples", len(self.dataset))):
-            if key in state and state[key] != have:
+                          ("num_samples", len(self.dataset)), ("sources", self._sources())):
+            if key in state and norm(key, state[key]) != norm(key, have):
                 raise ValueError(f"the data state was saved with {key}={state[key]} but this run has "
                                  f"{key}={have}: resuming would feed a different sample order")
         if "next_step" not in state:

@@ -1,4 +1,6 @@
-"""Tokenizers through the `tokenizers` library: train a byte-level BPE, or use a given tokenizer.json."""
+"""Tokenizers through the `tokenizers` library: train a byte-level BPE, or use a given tokenizer:
+a tokenizer.json file or a Hugging Face model/tokenizer directory holding one (its
+tokenizer_config.json names the EOS and BOS tokens, as continual pretraining needs)."""
 from __future__ import annotations
 
 import json
@@ -28,10 +30,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json named by `path`: the file itself, or the one inside a directory (a
+    Hugging Face model or tokenizer directory, or a prepared dataset)."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "tokenizer.json"
+        if not inside.is_file():
+            raise FileNotFoundError(f"tokenizer directory {path} has no tokenizer.json (a slow-only "
+                                    "tokenizer must be converted and saved with save_pretrained first)")
+        return inside
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = tokenizer_file(path)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # the library raises a bare Exception on bad JSON
@@ -44,18 +59,39 @@ def vocab_size_of(tokenizer: Tokenizer) -> int:
     return max(tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
 
 
-def _configured_eos(tokenizer_path: str | Path | None) -> str | None:
-    """The eos_token of a tokenizer_config.json next to the tokenizer file, if any."""
+def tokenizer_config(tokenizer_path: str | Path | None) -> dict:
+    """The tokenizer_config.json next to the tokenizer file (or in the directory), {} if none."""
     if tokenizer_path is None:
-        return None
-    config = Path(tokenizer_path).with_name("tokenizer_config.json")
+        return {}
+    path = Path(tokenizer_path)
+    config = path / "tokenizer_config.json" if path.is_dir() else path.with_name("tokenizer_config.json")
     try:
-        eos = json.loads(config.read_text()).get("eos_token")
-    except (OSError, ValueError, AttributeError):
+        content = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _configured_token(tokenizer_path: str | Path | None, key: str) -> str | None:
+    """A token named in tokenizer_config.json (`eos_token`, `bos_token`), if any."""
+    token = tokenizer_config(tokenizer_path).get(key)
+    if isinstance(token, dict):  # the AddedToken form {"content": ...}
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def bos_token_id(tokenizer: Tokenizer, source: str | Path | None) -> int | None:
+    """The BOS id to put before every document: tokenizer_config.json's bos_token when it also
+    says add_bos_token: true (Llama-style configs whose tokenizer.json post-processor may not add
+    it); None otherwise (the post-processor, if any, decides)."""
+    config = tokenizer_config(source)
+    token = _configured_token(source, "bos_token")
+    if not token or config.get("add_bos_token") is not True:
         return None
-    if isinstance(eos, dict):  # the AddedToken form {"content": ...}
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) else None
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"{source}: tokenizer_config.json names bos_token {token!r}, which the tokenizer lacks")
+    return token_id
 
 
 def eos_token_id(tokenizer: Tokenizer, source: str | Path = "tokenizer", token: str | None = None) -> int:
@@ -66,7 +102,7 @@ def eos_token_id(tokenizer: Tokenizer, source: str | Path = "tokenizer", token: 
         if token_id is None:
             raise ValueError(f"{source} has no token {token!r} (given as the end-of-text token)")
         return token_id
-    configured = _configured_eos(source) if Path(str(source)).is_file() else None
+    configured = _configured_token(source, "eos_token") if Path(str(source)).exists() else None
     for candidate in ((configured,) if configured else ()) + EOS_CANDIDATES:
         token_id = tokenizer.token_to_id(candidate)
         if token_id is not None:

@@ -56,8 +56,11 @@ def speedup_table(agreement: dict[int, float], num_layers: int, max_draft_len: i
 
 def evaluate_exits(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                    device: torch.device, max_draft_len: int = 8) -> dict:
-    L = model.cfg.n_layers
-    stats = exit_statistics(model, batches, device)
+    return exit_summary(exit_statistics(model, batches, device), model.cfg.n_layers, max_draft_len)
+
+
+def exit_summary(stats: dict[int, dict[str, float]], L: int, max_draft_len: int = 8) -> dict:
+    """{exits, speedup, best} from per-exit statistics (see exit_statistics)."""
     agreement = {l: s["agreement"] for l, s in stats.items() if l < L}
     result = {"exits": stats, "speedup": speedup_table(agreement, L, max_draft_len)}
     if agreement:

@@ -93,7 +93,7 @@ def export_cli(args: argparse.Namespace) -> int:
         model, tokenizer = load_hf_checkpoint(source)
         bos, eos, src_dtype = _hf_special_ids(Path(source))
     else:
-        from pretrain.checkpoint.inference import load_model
+        from pretrain.model_loading import load_model
 
         source = args.checkpoint
         model, tokenizer = load_model(source)

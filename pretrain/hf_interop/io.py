@@ -21,6 +21,7 @@ from pretrain.hf_interop.convert import (expected_parameter_names, from_hf_name,
                                          model_config_from_hf, to_hf_name)
 from pretrain.checkpoint.store import fsync_path, process_rank
 from pretrain.model import LayerSkipTransformer
+from parallel.parallelize import canonical_parameter_name
 
 try:
     from torch.distributed.tensor import DTensor
@@ -31,7 +32,6 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9  # "5GB", transformers' default
 # Module wrappers that insert a level into parameter names (activation checkpointing, torch.compile).
-_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 _TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -145,14 +145,6 @@ def load_hf_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32,
 # saving
 
 
-def canonical_parameter_name(name: str) -> str:
-    """A parameter name without the levels module wrappers insert (activation checkpointing,
-    torch.compile): the name in the plain model."""
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
-
-
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
@@ -168,7 +160,7 @@ def _gather(model: torch.nn.Module, dtype: torch.dtype | None
     missing = [n for n in wanted if n not in state]
     if missing:
         raise ValueError(f"the model lacks parameters {_name_list(missing)} (a pipeline stage holds only "
-                         "some blocks: consolidate the model first, e.g. parallel.consolidate.export_hf)")
+                         "some blocks: consolidate the model first, e.g. parallel.consolidate.consolidated_model)")
     keep = process_rank() == 0
     sharded = any(_is_dtensor(state[n]) for n in wanted)
     mesh_device = None

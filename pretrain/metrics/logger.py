@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import LoggingConfig
+from pretrain.metrics.wandb_eval import log_eval_media  # [ablation hook]
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,6 +84,8 @@ class MetricsLogger:
             _flatten(kind, {k: v for k, v in record.items() if k not in ("kind", "step")}, flat)
             self.wandb_run.log({k: v for k, v in flat.items() if isinstance(v, (int, float))},
                                step=record.get("step"))
+            if kind == "eval":  # [ablation hook] per-exit wandb.Table + figure (pretrain/metrics/wandb_eval.py)
+                log_eval_media(self.wandb_run, record, self.run_dir)
         if console:
             self.write(console)
 

@@ -31,6 +31,7 @@ class ModelConfig:
         """Raise ValueError naming the offending key when the shape is impossible."""
         checks = [
             (self.vocab_size > 0, "vocab_size", "must be positive"),
+            (self.dim > 0, "dim", "must be positive"),
             (self.n_layers > 0, "n_layers", "must be positive"),
             (self.n_heads > 0 and self.dim % self.n_heads == 0, "n_heads",
              f"must divide dim={self.dim}"),
@@ -40,6 +41,10 @@ class ModelConfig:
             (self.ffn_dim > 0, "ffn_dim", "must be positive"),
             (self.max_seq_len > 0, "max_seq_len", "must be positive"),
             (self.norm_eps > 0, "norm_eps", "must be positive"),
+            (self.rope_theta > 0, "rope_theta", "must be positive"),
+            (self.rope_scaling_factor > 0, "rope_scaling_factor", "must be positive"),
+            (self.rope_original_max_positions > 0, "rope_original_max_positions", "must be positive"),
+            (self.init_std >= 0, "init_std", "must be >= 0"),
         ]
         for ok, key, why in checks:
             if not ok:

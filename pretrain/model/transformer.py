@@ -29,9 +29,6 @@ class LayerSkipTransformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # When False, a block whose rows are all dropped still runs on an empty batch, so that
-        # sharded-weight collectives (FSDP) happen on every rank. Set by parallel/.
-        self.skip_empty_blocks = True
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=self._rope_scaling())
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", rotate_half_signed(sin), persistent=False)   # as apply_rope takes it
@@ -113,7 +110,7 @@ class LayerSkipTransformer(nn.Module):
                    rows: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         if rows is None or bool(rows.all()):
             return block(h, cos, sin, cache, layer)
-        if self.skip_empty_blocks and not bool(rows.any()):
+        if not bool(rows.any()):
             return h
         idx = rows.nonzero().squeeze(1)
         if cos.shape[0] > 1:  # per-row positions

@@ -1,54 +1,26 @@
-"""Construct what a run needs: model (fresh or from a checkpoint), optimizer, data."""
+"""Construct what a run needs: the model (fresh, or the weights of checkpoint.init_from) and the
+optimizer of each model part."""
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.inference import model_config_of_checkpoint, resolve_checkpoint
-from pretrain.checkpoint.store import load_model_weights
-from pretrain.config import ConfigError, RunConfig
+from pretrain.config import RunConfig
 from pretrain.device import fused_adamw_supported
-from pretrain.model import LayerSkipTransformer, ModelConfig
+from pretrain.model import LayerSkipTransformer
+from pretrain.model_loading import load_model
+from schedules.lr import learning_rate
 
 
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
-def init_model_config(cfg: RunConfig) -> ModelConfig:
-    """The model shape: from checkpoint.init_from when starting from existing weights
-    (continual pretraining), else from the `model` group."""
-    src = cfg.checkpoint.init_from
-    if not src:
-        return cfg.model
-    path = Path(src)
-    if not path.exists():
-        raise ConfigError(f"checkpoint.init_from={src!r}: path does not exist")
-    if _is_hf_dir(path):
-        import json
-
-        from pretrain.hf_interop import model_config_from_hf
-
-        shape = model_config_from_hf(json.loads((path / "config.json").read_text()))
-    else:
-        shape = model_config_of_checkpoint(resolve_checkpoint(path))
-    return shape
-
-
-def build_model(cfg: RunConfig, device: torch.device) -> LayerSkipTransformer:
-    src = cfg.checkpoint.init_from
-    if src and _is_hf_dir(Path(src)):
-        from pretrain.hf_interop import load_hf_checkpoint
-
-        model, _ = load_hf_checkpoint(src, dtype=torch.float32, device="cpu")
-    else:
-        torch.manual_seed(cfg.train.seed)
-        model = LayerSkipTransformer(cfg.model)
-        if src:
-            load_model_weights(resolve_checkpoint(Path(src)), model)
-    return model.to(device)
+def build_model(cfg: RunConfig) -> LayerSkipTransformer:
+    """A fresh model of shape cfg.model (seeded by train.seed), or the checkpoint.init_from one
+    (continual pretraining; cfg.model is that model's shape, see pretrain.config.check_run)."""
+    if cfg.checkpoint.init_from:
+        model, _ = load_model(cfg.checkpoint.init_from)
+        return model.train()
+    torch.manual_seed(cfg.train.seed)
+    return LayerSkipTransformer(cfg.model)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
@@ -67,6 +39,29 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device
     return torch.optim.AdamW(groups, lr=op.lr, betas=(op.beta1, op.beta2), eps=op.eps, **kwargs)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def learning_rate_at(cfg: RunConfig, step: int) -> float:
+    """optim.lr under the configured warm-up and decay at `step` (schedules.lr)."""
+    op = cfg.optim
+    return learning_rate(step, base_lr=op.lr, warmup_steps=op.warmup_steps, total_steps=cfg.train.steps,
+                         min_lr_ratio=op.min_lr_ratio, decay=op.decay)
+
+
+class OptimizerParts:
+    """One optimizer per model part (pipeline stage), stepped together; checkpoints address
+    each through its own part so parameter names match the single model's."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.parts = optimizers
+
+    def set_learning_rate(self, lr: float) -> None:
+        for opt in self.parts:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        for opt in self.parts:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)

@@ -1,23 +1,25 @@
 """Shared helpers of the torchrun scripts: a tiny LayerSkip config, synthetic global batches,
-a single-process reference run, and comparisons."""
+a single-process reference run written independently of pretrain.trainer, and comparisons."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from pretrain.config import RunConfig  # noqa: E402
-from pretrain.layerskip.plan import step_plan  # noqa: E402
+from pretrain.data.loader import rank_slice  # noqa: E402
+from pretrain.layerskip.early_exit_loss import early_exit_loss  # noqa: E402
+from pretrain.layerskip.plan import StepPlan, step_plan  # noqa: E402
 from pretrain.model import LayerSkipTransformer  # noqa: E402
-from pretrain.trainer.build import build_optimizer, set_learning_rate  # noqa: E402
-from pretrain.trainer.step import train_step  # noqa: E402
-from schedules.lr import learning_rate  # noqa: E402
+from pretrain.trainer.build import build_optimizer, learning_rate_at as lr_at  # noqa: E402
+from launch import report  # noqa: E402,F401  (the scripts' RESULT line)
+from conftest import tiny_model_config  # noqa: E402  (the tests' one tiny-model builder)
 
 torch.set_num_threads(1)
 
@@ -25,10 +27,7 @@ torch.set_num_threads(1)
 def tiny_config(*, steps: int = 3, global_batch: int = 8, micro_batch: int = 2, seq_len: int = 16,
                 p_max: float = 0.5, tie: bool = False, adam_eps: float = 1e-8,
                 activation_checkpointing: bool = False, checkpoint_heads: bool = False, **parallel) -> RunConfig:
-    cfg = RunConfig()
-    m = cfg.model
-    m.vocab_size, m.dim, m.n_layers, m.n_heads, m.n_kv_heads = 64, 32, 4, 4, 2
-    m.ffn_dim, m.max_seq_len, m.tie_embeddings = 64, 32, tie
+    cfg = RunConfig(model=tiny_model_config(vocab_size=64, tie_embeddings=tie))
     tr = cfg.train
     tr.steps, tr.global_batch_size, tr.micro_batch_size, tr.seq_len, tr.device = steps, global_batch, micro_batch, seq_len, "cpu"
     tr.activation_checkpointing = activation_checkpointing
@@ -52,8 +51,8 @@ def global_batch(cfg: RunConfig, step: int) -> dict[str, torch.Tensor]:
 
 
 def rank_batch(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
-    per = batch["tokens"].shape[0] // dp_size
-    return {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in batch.items()}
+    """This data-parallel rank's rows of the global batch, as the data loader splits it."""
+    return {k: rank_slice(v, dp_rank, dp_size) for k, v in batch.items()}
 
 
 def fresh_model(cfg: RunConfig) -> LayerSkipTransformer:
@@ -61,31 +60,41 @@ def fresh_model(cfg: RunConfig) -> LayerSkipTransformer:
     return LayerSkipTransformer(cfg.model)
 
 
-def lr_at(cfg: RunConfig, step: int) -> float:
-    return learning_rate(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
-                         total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio, decay=cfg.optim.decay)
+def reference_step(model: LayerSkipTransformer, opt: torch.optim.Optimizer, plan: StepPlan,
+                   batch: dict[str, torch.Tensor], micro_batch_size: int, grad_clip: float) -> tuple[float, dict]:
+    """One LayerSkip step written plainly, without pretrain.trainer (the cross-check): the whole
+    model per micro-batch, loss = sum_l w_l · CE_l with CE as a token sum over the step's tokens,
+    zero gradients for blocks no row ran, clipping by the global norm, AdamW."""
+    step_tokens = batch["targets"].numel()
+    exit_sums: dict[int, float] = {}
+    for i in range(0, batch["tokens"].shape[0], micro_batch_size):
+        micro = {k: v[i:i + micro_batch_size] for k, v in batch.items()}
+        hiddens = model(micro["tokens"], keep=plan.keep_masks(micro["sample_ids"]), exits=plan.exit_weights)
+        loss, per_exit = early_exit_loss(model.exit_logits, hiddens, micro["targets"], plan.exit_weights, step_tokens)
+        loss.backward()
+        for layer, value in per_exit.items():
+            exit_sums[layer] = exit_sums.get(layer, 0.0) + float(value)
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return sum(plan.exit_weights[l] * v for l, v in exit_sums.items()), exit_sums
 
 
 def reference_run(cfg: RunConfig) -> tuple[list[float], dict[int, dict[int, float]], dict[str, torch.Tensor]]:
-    """The single-process trainer's step on the whole global batch: losses, per-exit losses, final weights."""
+    """`reference_step` on the whole global batch: losses, per-exit losses, final weights."""
     model = fresh_model(cfg)
     opt = build_optimizer(cfg, model, torch.device("cpu"))
-    losses, exits = [], {}
+    losses, exits = [0.0] * cfg.train.steps, {}
     for step in range(cfg.train.steps):
-        set_learning_rate(opt, lr_at(cfg, step))
-        batch = global_batch(cfg, step)
-        r = train_step(model, opt, step_plan(cfg, step), batch, micro_batch_size=cfg.train.micro_batch_size,
-                       step_tokens=batch["targets"].numel(), grad_clip=cfg.optim.grad_clip)
-        losses.append(r.loss)
-        exits[step] = r.exit_losses
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        losses[step], exits[step] = reference_step(model, opt, step_plan(cfg, step), global_batch(cfg, step),
+                                                   cfg.train.micro_batch_size, cfg.optim.grad_clip)
     return losses, exits, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def max_rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
-
-
-def report(payload: dict) -> None:
-    """One JSON line the pytest side parses."""
-    print("RESULT " + json.dumps(payload), flush=True)
-

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from common import report
+from conftest import make_model
 from pretrain.decoding import DecodeOptions, generate
-from pretrain.model import LayerSkipTransformer, ModelConfig
 from parallel.mesh import init_process_group, teardown_parallel
 from parallel.tensor_parallel import apply_tensor_parallel_for_decoding
 
@@ -32,26 +32,12 @@ CASES = {
 TIED_CASES = ("autoregressive", "self_speculative E=2 g=3")
 
 
-def tiny_model(tie: bool) -> LayerSkipTransformer:
-    """Later blocks scaled down so early exits often agree with the last (accept and reject both)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128,
-                      tie_embeddings=tie)
-    model = LayerSkipTransformer(cfg).eval()
-    with torch.no_grad():
-        model.tok_embeddings.weight.mul_(2.0)
-        for i in range(2, 6):
-            model.layers[str(i)].attention.wo.weight.mul_(0.5)
-            model.layers[str(i)].feed_forward.w2.weight.mul_(0.5)
-    return model
-
-
 def main() -> None:
     torch.set_grad_enabled(False)
     init_process_group(torch.device("cpu"))
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     for tie in (False, True):
-        single = tiny_model(tie)
+        single = make_model(tie_embeddings=tie)  # later blocks weak: exits accept and reject
         sharded = copy.deepcopy(single)
         apply_tensor_parallel_for_decoding(sharded, mesh)
         wq = sharded.layers["0"].attention.wq.weight

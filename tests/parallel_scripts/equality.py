@@ -1,6 +1,6 @@
 """Run several parallel layouts of one world size in a single torchrun launch and compare each
-with the single-process trainer: loss and per-exit losses at every step, final parameters, and
-the pipeline's exit-head replicas.
+(the Trainer) with a one-process reference step written without the trainer (common.reference_step):
+loss and per-exit losses at every step, final parameters, and the pipeline's exit-head replicas.
 
     torchrun --nproc-per-node 2 tests/parallel_scripts/equality.py tp=2 pp=2,pp_schedule=1F1B ...
 
@@ -21,13 +21,12 @@ import torch.distributed as dist
 
 from common import (fresh_model, global_batch, lr_at, max_rel, rank_batch, reference_run, report,
                     tiny_config)
+from pretrain.config import check_layout
 from pretrain.layerskip.plan import step_plan
-from pretrain.trainer.build import set_learning_rate
-from parallel.consolidate import export_hf, full_state_dict
-from parallel.engine import ParallelTrainer
+from pretrain.trainer.trainer import Trainer
+from parallel.consolidate import consolidated_model, full_state_dict
 from parallel.grad_sync import check_replicas_identical
-from parallel.layout import check_layout
-from parallel.mesh import ParallelContext, build_mesh, init_process_group, teardown_parallel
+from parallel.mesh import init_process_group, teardown_parallel
 
 CFG_KEYS = {"tie": ("tie", lambda v: bool(int(v))), "p_max": ("p_max", float),
             "global_batch": ("global_batch", int), "micro_batch": ("micro_batch", int), "steps": ("steps", int),
@@ -56,14 +55,14 @@ def run_layout(spec: str, references: dict) -> dict:
     if ref_key not in references:
         references[ref_key] = reference_run(tiny_config(**cfg_kwargs))
     ref_losses, ref_exits, ref_state = references[ref_key]
-    layout = check_layout(cfg, dist.get_world_size())
-    ctx = ParallelContext(layout=layout, device=torch.device("cpu"), mesh=build_mesh(layout, torch.device("cpu")))
-    trainer = ParallelTrainer(cfg, ctx, fresh_model(cfg))
+    dims = check_layout(cfg, dist.get_world_size())
+    dims.build_mesh()
+    trainer = Trainer(cfg, dims, fresh_model(cfg))
     worst_loss, worst_exit, rows = 0.0, 0.0, []
     started = time.perf_counter()
     for step in range(cfg.train.steps):
-        set_learning_rate(trainer.optimizer, lr_at(cfg, step))
-        batch = rank_batch(global_batch(cfg, step), ctx.dp_rank, ctx.dp_size)
+        trainer.optimizer.set_learning_rate(lr_at(cfg, step))
+        batch = rank_batch(global_batch(cfg, step), dims.dp_rank, dims.dp)
         result = trainer.train_step(step_plan(cfg, step), batch)
         worst_loss = max(worst_loss, max_rel(result.loss, ref_losses[step]))
         assert sorted(result.exit_losses) == sorted(ref_exits[step]), (result.exit_losses, ref_exits[step])
@@ -71,27 +70,37 @@ def run_layout(spec: str, references: dict) -> dict:
             worst_exit = max(worst_exit, max_rel(value, ref_exits[step][layer]))
         rows.append(result.rows_run / result.rows_total)
     seconds = (time.perf_counter() - started) / cfg.train.steps
-    replica_gap = check_replicas_identical(trainer.parts, ctx.pp_group) if layout.pp > 1 else 0.0
-    state = full_state_dict(trainer.parts, ctx)
+    replica_gap = check_replicas_identical(trainer.model_parts, dims.pp_group) if dims.pp > 1 else 0.0
+    state = full_state_dict(trainer.model_parts, dims)
     if export and state is None:
-        export_hf(trainer.parts, ctx, "/nonexistent")  # collective: every rank takes part
+        export_hf(trainer, dims, "/nonexistent")  # collective: every rank takes part
     out = {"layout": spec, "loss_rel": worst_loss, "exit_rel": worst_exit, "replica_gap": replica_gap,
            "blocks_run_fraction": rows, "step_s": seconds}
     if state is not None:
         assert sorted(state) == sorted(ref_state), (sorted(state), sorted(ref_state))
         out["param_abs"] = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
         if export:  # to the HF layout from this layout; read back, the weights are the gathered ones
-            out["export_abs"] = exported_gap(trainer, ctx, state)
+            out["export_abs"] = exported_gap(trainer, dims, state)
         if os.environ.get("DEBUG_PARAMS"):
             out["per_param"] = {k: float((state[k] - ref_state[k]).abs().max()) for k in ref_state}
     return out
 
 
-def exported_gap(trainer, ctx, state: dict) -> float:
+def export_hf(trainer, dims, out_dir: str) -> None:
+    """The model gathered on rank 0 (all ranks take part), written in the HF layout there."""
+    from pretrain.hf_interop import save_hf_checkpoint
+
+    model = consolidated_model(trainer.model_parts, dims)
+    if model is not None:
+        save_hf_checkpoint(model, out_dir)
+    dist.barrier()
+
+
+def exported_gap(trainer, dims, state: dict) -> float:
     from pretrain.hf_interop import load_hf_checkpoint
 
     with tempfile.TemporaryDirectory() as out:
-        export_hf(trainer.parts, ctx, out)
+        export_hf(trainer, dims, out)
         model, _ = load_hf_checkpoint(out)
         return max(float((v - state[k]).abs().max()) for k, v in model.state_dict().items() if k in state)
 

@@ -1,5 +1,6 @@
-"""Launch a script of this folder under torchrun (gloo, CPU) from a test and collect the
-'RESULT {json}' lines rank 0 prints. On failure, the tail of every rank's log is shown."""
+"""Launch a script of this folder (or a module, e.g. a bench/ worker) under torchrun (gloo, CPU)
+and collect the 'RESULT {json}' lines rank 0 prints. On failure, the tail of every rank's log is
+shown. Used by the tests and by bench/."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,11 @@ def child_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
     return env
+
+
+def report(payload: dict) -> None:
+    """One 'RESULT {json}' line, what `results` parses (printed by rank 0 of a launched script)."""
+    print("RESULT " + json.dumps(payload), flush=True)
 
 
 def results(text: str) -> list[dict]:

@@ -18,12 +18,8 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    subprocess.run([sys.executable, "-m", "pretrain.data.prepare", "--out", str(out),
-                    "--max-files", "40", "--vocab-size", "512", "--seq-len", "32"],
-                   check=True, capture_output=True, timeout=300)
-    return out
+def data_dir(prepared_data):
+    return prepared_data
 
 
 def run_config(data_dir, run_dir, *overrides):

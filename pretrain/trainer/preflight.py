@@ -1,0 +1,86 @@
+"""Everything a run checks before it does any work or writes anything: the values (pretrain.config),
+the shape of the model it starts from, the parallel layout against the launched job, the prepared
+data against the model, and the checkpoint to resume from. A failure raises ConfigError naming
+the key; the run directory is untouched."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.checkpoint.store import find_latest_checkpoint
+from pretrain.config import ConfigError, RunConfig, check_layout, validate
+from pretrain.data.dataset import DataError, PackedDataset
+from pretrain.data.mixture import MixedDataset
+from pretrain.data.sources import open_split, validation_sets
+from pretrain.device import select_device
+from pretrain.hf_interop import HFConfigError
+from pretrain.model_loading import model_config_at
+from parallel.dims import ParallelDims
+from parallel.mesh import local_rank
+
+
+@dataclass
+class CheckedRun:
+    cfg: RunConfig                  # with the model shape of checkpoint.init_from when set
+    dims: ParallelDims
+    train_data: PackedDataset | MixedDataset
+    val_data: dict[str, PackedDataset]        # validation split per source name
+    resume_from: Path | None
+
+
+def init_model_config(cfg: RunConfig) -> RunConfig:
+    """cfg with model = the shape of checkpoint.init_from (continual pretraining), else cfg."""
+    src = cfg.checkpoint.init_from
+    if not src:
+        return cfg
+    try:
+        shape = model_config_at(src)
+    except (FileNotFoundError, HFConfigError) as err:
+        raise ConfigError(f"checkpoint.init_from={src!r}: {err}") from None
+    cfg = dataclasses.replace(cfg, model=shape)
+    validate(cfg)
+    return cfg
+
+
+def open_data(cfg: RunConfig) -> tuple[PackedDataset | MixedDataset, dict[str, PackedDataset]]:
+    """The training stream (one dataset, or data.sources mixed by weight) and each source's
+    validation split by name, checked against the model and train.seq_len."""
+    key = "data.sources" if cfg.data.sources else f"data.dir={cfg.data.dir!r}"
+    try:
+        train, val = open_split(cfg.data, "train"), validation_sets(cfg.data)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    if train.seq_len != cfg.train.seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} but the data in {key} was packed with "
+                          f"seq_len={train.seq_len}; re-run prepare or set train.seq_len")
+    if train.vocab_size > cfg.model.vocab_size:
+        source = (f"the initial model of checkpoint.init_from={cfg.checkpoint.init_from!r}"
+                  if cfg.checkpoint.init_from else "model.vocab_size")
+        raise ConfigError(f"{key}: its tokenizer has {train.vocab_size} tokens but {source} has "
+                          f"{cfg.model.vocab_size}; use data prepared with that model's tokenizer")
+    if len(train) == 0 or not any(len(v) for v in val.values()):
+        raise ConfigError(f"{key}: the {'train' if len(train) == 0 else 'validation'} split is empty")
+    return train, val
+
+
+def resume_point(cfg: RunConfig) -> Path | None:
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return find_latest_checkpoint(Path(cfg.run_dir))
+    if not Path(mode).exists():
+        raise ConfigError(f"checkpoint.resume={mode!r}: no such checkpoint")
+    return Path(mode)
+
+
+def check_run(cfg: RunConfig, world_size: int) -> CheckedRun:
+    cfg = init_model_config(cfg)
+    dims = check_layout(cfg, world_size)
+    try:
+        dims.device = select_device(cfg.train.device, local_rank())
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"train.device={cfg.train.device!r}: {err}") from None
+    train, val = open_data(cfg)
+    return CheckedRun(cfg, dims, train, val, resume_point(cfg))

@@ -1,0 +1,112 @@
+"""The trainer through launch/slurm.sbatch on a real two-node Slurm: two nodes train like one
+process; a preempted job checkpoints on the signal, requeues itself and ends with the losses of an
+uninterrupted run; kill -9 of one rank fails the job within seconds; a SIGSTOPped rank ends the job
+through the watchdog within its configured time."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from jobs import (ROOT, RUN_ENABLED, SKIP_REASON, STEPS, job_field, log, logged_steps, overrides, rank_of,
+                  state, submit, train_losses, wait_done, wait_for, worker_pids)
+
+pytestmark = pytest.mark.skipif(not RUN_ENABLED, reason=SKIP_REASON)
+
+# The trainer's side of operations (signals -> checkpoint -> exit 75 + requeue file; the hang
+# watchdog, exit 76) lives in pretrain/operations/; these tests need it.
+HAS_OPERATIONS = (ROOT / "pretrain" / "operations" / "exit_codes.py").is_file()
+HAS_WATCHDOG = "watchdog_min_s" in (ROOT / "conf" / "train" / "default.yaml").read_text()
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--exclusive"]
+
+
+def close(a: dict, b: dict, rtol: float = 1e-5) -> bool:
+    return sorted(a) == sorted(b) and all(abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in b)
+
+
+def test_two_nodes_train_like_one_process(slurm_cluster, data_dir, reference_losses, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(tmp_path, TWO_NODES, overrides(data_dir, run_dir, "parallel.dp_shard=2"))
+    assert wait_done(job, tmp_path, 600) == "COMPLETED", log(tmp_path, job)[-5000:]
+    text = log(tmp_path, job)
+    assert "nodes       2: n[1-2]" in text and "processes   1 per node, 2 in all" in text
+    assert close(train_losses(run_dir), reference_losses)
+    assert (run_dir / "eval.json").is_file()
+
+
+def start_long_run(tmp_path, data_dir, *extra: str, steps: int = 100000) -> tuple[int, object]:
+    """A two-node job that trains until stopped; returns when it has logged a few steps."""
+    run_dir = tmp_path / "run"
+    job = submit(tmp_path, TWO_NODES, overrides(data_dir, run_dir, "parallel.dp_shard=2",
+                                                f"train.steps={steps}", *extra))
+    wait_for(lambda: logged_steps(run_dir) >= 5, 300, "training to start", job, tmp_path)
+    return job, run_dir
+
+
+def test_kill_9_of_one_rank_fails_the_job_within_seconds(slurm_cluster, data_dir, tmp_path):
+    job, run_dir = start_long_run(tmp_path, data_dir)
+    pids = worker_pids(str(run_dir))
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    killed = time.monotonic()
+    assert wait_done(job, tmp_path, 120) == "FAILED"
+    took = time.monotonic() - killed
+    assert took < 20, f"the job took {took:.0f} s to fail after a rank was killed"
+    assert job_field(job, "Restarts") == "0"  # a crash is not a reason to requeue
+    assert not worker_pids(str(run_dir))
+
+
+@pytest.mark.skipif(not HAS_OPERATIONS, reason="the trainer has no signal handling yet (pretrain/operations/)")
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, data_dir, reference_losses,
+                                                               tmp_path):
+    # checkpoint.every_minutes=0: the only checkpoint before the end is the one the signal asks for
+    job, run_dir = start_long_run(tmp_path, data_dir, "checkpoint.every_minutes=0", steps=STEPS)
+    # a job in the high-priority partition that needs both nodes preempts it (GraceTime, REQUEUE)
+    high = subprocess.run(["sbatch", "--parsable", "--partition=high", "--nodes=2", "--exclusive",
+                           f"--output={tmp_path}/high-%j.out", "--wrap", "sleep 2"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    wait_for(lambda: "=== requeued" in log(tmp_path, job), 120, "the job to requeue itself", job, tmp_path)
+    # a requeued job waits for its begin time; the test does not
+    wait_for(lambda: state(int(high)) == "COMPLETED", 120, "the preempting job to run")
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+    assert wait_done(job, tmp_path, 600) == "COMPLETED", log(tmp_path, job)[-5000:]
+    text = log(tmp_path, job)
+    asked = re.search(r'=== requeued: the trainer asked: \{"step": (\d+), "reason": "signal (SIG\w+)"\}', text)
+    assert asked, text[-5000:]
+    step = int(asked.group(1))
+    assert 5 <= step < STEPS
+    assert job_field(job, "Restarts") == "1" and "restart 1" in text
+    assert f"resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}" in text
+    assert close(train_losses(run_dir), reference_losses)
+    assert train_losses(run_dir)[STEPS - 1] == pytest.approx(reference_losses[STEPS - 1], rel=1e-5)
+
+
+@pytest.mark.skipif(not HAS_WATCHDOG, reason="the trainer has no hang watchdog yet (train.watchdog_min_s)")
+def test_stopped_rank_ends_the_job_through_the_watchdog(slurm_cluster, data_dir, tmp_path):
+    job, run_dir = start_long_run(tmp_path, data_dir, "train.watchdog_min_s=5", "train.watchdog_factor=10",
+                                  "train.collective_timeout_s=300")
+    pids = worker_pids(str(run_dir))
+    assert len(pids) == 2, pids
+    stopped = pids[-1]
+    stopped_rank = rank_of(stopped)
+    os.kill(stopped, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        assert wait_done(job, tmp_path, 200) == "FAILED"
+        took = time.monotonic() - stopped_at
+    finally:
+        try:
+            os.kill(stopped, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = log(tmp_path, job)
+    # the limit is max(10 x median step, 5 s); detection, stack dump and teardown add seconds
+    assert took < 40, f"the job took {took:.0f} s to end after rank {stopped_rank} stopped"
+    assert re.search(rf"watchdog: rank \d+ .*stuck: rank {stopped_rank}: ", text), text[-5000:]
+    assert "most recent call first" in text  # the live rank's Python stacks
+    assert "exitcode  : 76" in text  # torchrun's summary of the rank that left through the watchdog
+    assert job_field(job, "Restarts") == "0"
