@@ -54,18 +54,20 @@ def machine() -> str:
     return desc
 
 
-def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
-                        ) -> dict[str, float]:
-    """Median seconds per call of each case, the cases run round-robin so drift hits all alike."""
+def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each case, the cases run round-robin so drift hits all alike.
+    `clock`: wall time by default; time.process_time (this process's CPU time) is steadier on a
+    machine shared with other work, for single-threaded runs."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
