@@ -42,6 +42,8 @@ slurm-down:
 # CPU benchmarks; each writes bench/results/<name>.md and .json (command, machine, date).
 bench: setup
 	$(PY) -m bench.train_throughput --repeats 9
+	$(PY) -m bench.exit_loss_memory --repeats 3 --steps 2 --chunks 256
+	$(PY) -m bench.exit_loss_alternatives
 	$(PY) -m bench.pipeline_bubble
 	$(PY) -m bench.scaling_cpu
 	$(MAKE) bench-decoding
