@@ -13,7 +13,7 @@ from pretrain.config import ConfigError, RunConfig, validate
 from pretrain.layerskip.early_exit_loss import IGNORE_INDEX, early_exit_loss
 from pretrain.layerskip.plan import step_plan
 from pretrain.model import LayerSkipTransformer, ModelConfig
-from conftest import one_process_trainer, tiny_run_config
+from builders import one_process_trainer, tiny_run_config
 
 RTOL = 1e-5
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import NEW, PROMPTS, make_model, reference_greedy
+from builders import NEW, PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import generate
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength

@@ -3,7 +3,7 @@ work counted as done, one host synchronisation per round, and the input checks (
 temperatures, the context length)."""
 import pytest
 import torch
-from conftest import NEW, PROMPTS, make_model, reference_greedy
+from builders import NEW, PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import ExitQueryCache, SamplingConfig, StaticKVCache, generate
 from pretrain.decoding.compiled import CompiledRegionKVCache

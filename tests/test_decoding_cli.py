@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, reference_greedy
+from builders import make_model, reference_greedy
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pretrain import generate as cli

@@ -10,7 +10,7 @@ from pretrain.decoding import generate
 from torch._dynamo.utils import counters
 
 from pretrain.decoding.compiled import compile_blocks_for_decoding
-from conftest import make_model
+from builders import make_model
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12]]
 SETTINGS = [dict(strategy="autoregressive"), dict(exit_layer=2, draft_len=3),

@@ -1,7 +1,7 @@
 """Decode cost model: the round cost formula matches the block and head calls the decoder makes,
 measured costs steer the dynamic exit without changing greedy output, and bad input is refused."""
 import pytest
-from conftest import NEW, PROMPTS, make_model
+from builders import NEW, PROMPTS, make_model
 
 from pretrain.decoding import generate
 from pretrain.decoding.cost_model import measure_decode_costs

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from builders import build_tiny_model
 
 from pretrain.decoding import SamplingConfig, generate
 from pretrain.decoding.sampling import probabilities

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_batch
+from builders import make_batch
 from pretrain.layerskip.early_exit_loss import early_exit_loss
 from pretrain.layerskip.plan import StepPlan
 from pretrain.trainer.step import LayerSkipStep, split_micro_batches

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny_model
+from builders import build_tiny_model
 from pretrain.model import LayerSkipTransformer, ModelConfig
 
 

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from conftest import make_batch, one_process_trainer, tiny_run_config
+from builders import make_batch, one_process_trainer, tiny_run_config
 from pretrain.config import RunConfig
 from pretrain.layerskip.plan import StepPlan
 from pretrain.trainer.build import build_optimizer
