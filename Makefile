@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test test-slurm slurm-up slurm-down bench bench-decoding bench-data ablation clean
+.PHONY: setup demo-data demo test test-slurm slurm-up slurm-down bench bench-decoding bench-data ablation gpu-check clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +42,8 @@ slurm-down:
 # CPU benchmarks; each writes bench/results/<name>.md and .json (command, machine, date).
 bench: setup
 	$(PY) -m bench.train_throughput --repeats 9
+	$(PY) -m bench.exit_loss_memory --repeats 3 --steps 2 --chunks 256
+	$(PY) -m bench.exit_loss_alternatives
 	$(PY) -m bench.pipeline_bubble
 	$(PY) -m bench.scaling_cpu
 	$(MAKE) bench-decoding
@@ -53,6 +55,12 @@ bench-decoding: demo-data
 		optim.warmup_steps=60 logging.progress_bar=false logging.every=100 logging.wandb.mode=disabled \
 		eval.decode_prompts=0 checkpoint.every=250
 	$(PY) -m bench.decoding_speedup --checkpoint runs/bench_decode
+
+# Everything that needs a GPU, on one accelerator in about 8 minutes: the device tests, bench.mfu on
+# llama_1b (bf16, compile), a 12-layer decoding model trained and benchmarked eager / reduce-overhead /
+# transformers. Summary: bench/results/gpu_check.md. DRY_RUN=1: the same parts on the CPU at toy sizes.
+gpu-check: setup
+	$(PY) -m bench.gpu_check $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
 # Data pipeline (prepare throughput and memory up to a 1 GB generated corpus, shard readers, loader):
 # about an hour on 2 cores; needs ~4 GB in /tmp.

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# LAYERSKIP_BENCH_RESULTS redirects every result file (bench/gpu_check.py collects its parts' results
+# there, so that a check never overwrites the committed ones)
+RESULTS = Path(os.environ.get("LAYERSKIP_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def trainer_for(cfg, model=None):
@@ -54,24 +56,26 @@ def machine() -> str:
     return desc
 
 
-def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
-                        ) -> dict[str, float]:
-    """Median seconds per call of each case, the cases run round-robin so drift hits all alike."""
+def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each case, the cases run round-robin so drift hits all alike.
+    `clock`: wall time by default; time.process_time (this process's CPU time) is steadier on a
+    machine shared with other work, for single-threaded runs."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def record(name: str, title: str, payload: dict, table: str) -> Path:
     """Write bench/results/<name>.json and .md, with the command that produced them."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python -m bench." + Path(sys.argv[0]).stem + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     meta = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "git": _git_rev()}

@@ -10,15 +10,27 @@
 - the dynamic exit choosing (E, γ) by layer count and by the measured costs, side by side;
 - the same weights exported to the Hugging Face layout and decoded by transformers'
   generate(assistant_early_exit=E, num_assistant_tokens=γ): identical greedy tokens, and tokens/s;
-- tokens/s at batch 8 vs batch 1.
+- batch 8: self-speculative (per exit, per γ, and the per-row adaptive draft) against batched
+  autoregressive decoding of the same 8 prompts, outputs checked identical; with --baseline-ref, the
+  decoder of that git commit (pretrain/decoding checked out into a temporary directory) timed in the
+  same run, interleaved, at batch 1 and batch 8, so "no slower than before" is measured side by side.
 
     python -m bench.decoding_speedup --checkpoint runs/bench_decode [--prompts 8] [--new-tokens 64] \
-        [--device cuda --dtype bfloat16] [--compile reduce-overhead]
+        [--device cuda --dtype bfloat16] [--compile reduce-overhead] [--baseline-ref main] [--sections batch]
+
+--sections batch runs only the batch-8 comparison and writes bench/results/decoding_batch.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
+import subprocess
+import sys
+import tarfile
 import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -56,6 +68,121 @@ def hf_generate_each(hf, prompts, new_tokens, exit_layer=None, gamma=None):
     return outs
 
 
+def load_baseline_decoder(ref: str, into: str):
+    """pretrain.decoding as of git commit `ref`, importable beside today's: extracted into `into` as
+    package `baseline_decoding` (its imports of itself renamed). Returns the package."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "archive", ref, "pretrain/decoding"], cwd=root, capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    package = Path(into) / "baseline_decoding"
+    (Path(into) / "pretrain" / "decoding").rename(package)
+    for path in package.glob("*.py"):
+        path.write_text(path.read_text().replace("pretrain.decoding", "baseline_decoding"))
+    sys.path.insert(0, into)
+    return importlib.import_module("baseline_decoding")
+
+
+def block_work(model, decode) -> tuple[DecodeStats, int]:
+    """(stats of decode(), blocks x rows the model really ran after the prefill, counted at run_layers)."""
+    rows_blocks = []
+    run_layers = model.run_layers
+
+    def counted(h, *, start=0, stop=None, **kwargs):
+        rows_blocks.append(h.shape[0] * ((model.cfg.n_layers if stop is None else stop) - start))
+        return run_layers(h, start=start, stop=stop, **kwargs)
+
+    model.run_layers = counted
+    try:
+        stats = decode()
+    finally:
+        del model.run_layers
+    return stats, sum(rows_blocks[1:])
+
+
+def batch_section(model, prompts, args, baseline) -> tuple[list[str], dict]:
+    """Batch 8 self-speculative vs batch 8 autoregressive (and, with a baseline decoder, old vs new
+    at batch 1 and 8): (markdown lines, payload)."""
+    L = model.cfg.n_layers
+    b8 = [prompts[i % len(prompts)] for i in range(8)]
+    n_tok = 8 * args.new_tokens
+    ar = DecodeOptions(strategy="autoregressive", max_new_tokens=args.new_tokens)
+    reference, ar_stats = generate(model, b8, ar)
+    configs = {f"E={E},g={g}": DecodeOptions(exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
+               for E in map(int, args.exits.split(",")) for g in map(int, args.batch_gammas.split(","))}
+    configs.update({f"E={E},adaptive g<={g}": DecodeOptions(exit_layer=E, draft_len=g, adaptive_draft=True,
+                                                             max_new_tokens=args.new_tokens)
+                    for E in map(int, args.exits.split(",")) for g in (4,)})
+    configs["dynamic, per-row γ"] = DecodeOptions(exit_layer=L // 2, draft_len=2, dynamic_exit=True,
+                                                  max_draft_len=max(map(int, args.batch_gammas.split(","))),
+                                                  max_new_tokens=args.new_tokens)
+    cases, summaries = {"autoregressive": lambda: generate(model, b8, ar)}, {"autoregressive": ar_stats.summary()}
+    for name, opts in configs.items():
+        out, st = generate(model, b8, opts)
+        assert out == reference, f"batch 8 {name}: output differs from autoregressive"
+        summaries[name] = st.summary()
+        cases[name] = (lambda o=opts: generate(model, b8, o))
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = interleaved_medians(cases, args.repeats, clock=clock)
+    ratios = {name: times["autoregressive"] / t for name, t in times.items()}
+    best = max(configs, key=lambda name: ratios[name])
+    lines = ["## batch 8: self-speculative vs batched autoregressive (8 prompts, rows advance independently)", "",
+             f"Timed by {'this process' + chr(39) + 's CPU time' if args.clock == 'cpu' else 'wall time'}, "
+             f"{torch.get_num_threads()} thread(s).", "",
+             f"Autoregressive batch 8: {n_tok / times['autoregressive']:,.0f} tokens/s.", "",
+             "| decoder | tokens/s | vs autoregressive batch 8 | acceptance α | tokens/round/row "
+             "| layer evals/token (all computed rows) | mean draft len |", "|---|---|---|---|---|---|---|"]
+    for name, t in times.items():
+        s = summaries[name]
+        alpha = "" if s["acceptance"] is None else f"{s['acceptance']:.3f}"
+        gamma = "" if s["mean_draft_len"] is None else f"{s['mean_draft_len']:.2f}"
+        lines.append(f"| {name} | {n_tok / t:,.0f} | **{ratios[name]:.2f}x** | {alpha} | "
+                     f"{s['tokens_per_round']:.2f} | {s['layer_evals_per_token']:.2f} | {gamma} |")
+    lines += ["", f"Best at batch 8: {best}, {ratios[best]:.2f}x batched autoregressive decoding."]
+    payload = {"batch8_seconds": times, "batch8_ratio": ratios, "batch8_summaries": summaries, "batch8_best": best}
+    if baseline is not None:
+        old_ar = baseline.DecodeOptions(strategy="autoregressive", max_new_tokens=args.new_tokens)
+        bo = configs[best]
+        old_best = baseline.DecodeOptions(exit_layer=bo.exit_layer, draft_len=bo.draft_len,
+                                          adaptive_draft=bo.adaptive_draft, max_new_tokens=args.new_tokens)
+        b1 = b8[:args.batch1_prompts]
+
+        def each(gen, opts):
+            for p in b1:
+                gen(model, [p], opts)
+
+        side = {"new self-spec batch 1": lambda: each(generate, bo),
+                "old self-spec batch 1": lambda: each(baseline.generate, old_best),
+                "new autoregressive batch 1": lambda: each(generate, ar),
+                "old autoregressive batch 1": lambda: each(baseline.generate, old_ar),
+                "new self-spec batch 8": lambda: generate(model, b8, bo),
+                "old self-spec batch 8": lambda: baseline.generate(model, b8, old_best),
+                "new autoregressive batch 8": lambda: generate(model, b8, ar),
+                "old autoregressive batch 8": lambda: baseline.generate(model, b8, old_ar)}
+        assert baseline.generate(model, b8, old_best)[0] == reference
+        old_stats, old_computed = block_work(model, lambda: baseline.generate(model, b8, old_best)[1])
+        new_stats, new_computed = block_work(model, lambda: generate(model, b8, bo)[1])
+        side_times = interleaved_medians(side, args.repeats, clock=clock)
+        tokens = {k: (len(b1) if "batch 1" in k else 8) * args.new_tokens for k in side}
+        lines += ["", f"### old decoder ({args.baseline_ref}) vs new, side by side at {best}", "",
+                  "| case | old tokens/s | new tokens/s | new/old |", "|---|---|---|---|"]
+        for case in ("self-spec batch 1", "autoregressive batch 1", "self-spec batch 8", "autoregressive batch 8"):
+            old, new = side_times[f"old {case}"], side_times[f"new {case}"]
+            lines.append(f"| {case} | {tokens['old ' + case] / old:,.0f} | {tokens['new ' + case] / new:,.0f} | "
+                         f"**{old / new:.2f}x** |")
+        lines += ["", "Self-speculative batch 8 over autoregressive batch 8 in this side-by-side run: old "
+                  f"{side_times['old autoregressive batch 8'] / side_times['old self-spec batch 8']:.2f}x, new "
+                  f"{side_times['new autoregressive batch 8'] / side_times['new self-spec batch 8']:.2f}x. "
+                  "Block evaluations per decoded token at batch 8 (one block on one row), reported by the stats "
+                  "/ counted at the model's run_layers: old decoder "
+                  f"{old_stats.layer_evals / old_stats.decoded:.2f} / {old_computed / old_stats.decoded:.2f} "
+                  f"(finished rows ride along uncounted), new {new_stats.layer_evals / new_stats.decoded:.2f} / "
+                  f"{new_computed / new_stats.decoded:.2f} (finished rows leave the batch; every computed row counted)."]
+        payload.update({"baseline_ref": args.baseline_ref, "side_by_side_seconds": side_times,
+                        "batch1_prompts": len(b1)})
+    return lines, payload
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="runs/bench_decode")
@@ -68,7 +195,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (transformers runs on the same device)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--compile", choices=COMPILE_MODES, help="compile our blocks for decoding (not transformers')")
+    ap.add_argument("--batch-gammas", default="1,2,3", help="γ tried at batch 8")
+    ap.add_argument("--baseline-ref", help="git commit whose decoder is timed side by side (e.g. main)")
+    ap.add_argument("--batch1-prompts", type=int, default=4, help="prompts of the side-by-side batch 1 timing")
+    ap.add_argument("--sections", choices=("all", "batch"), default="all")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="batch section timed by wall time or by this process's CPU time (steadier on a shared "
+                         "machine, with --threads 1)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     ckpt = resolve_checkpoint(args.checkpoint)
     device = select_device(args.device)
@@ -81,6 +218,17 @@ def main() -> None:
     val = PackedDataset(OmegaConf.load(ckpt / "config.yaml").data.dir, "val")
     prompts = [val[i][:args.prompt_len].tolist() for i in range(args.prompts)]
     n_tok = args.prompts * args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = load_baseline_decoder(args.baseline_ref, tmp) if args.baseline_ref else None
+        batch_lines, batch_payload = batch_section(model, prompts, args, baseline)
+    if args.sections == "batch":
+        record("decoding_batch", "Batched self-speculative decoding benchmark",
+               {"args": vars(args), **batch_payload},
+               f"Checkpoint `{ckpt}` ({L} layers, dim {model.cfg.dim}); prompts of {args.prompt_len} held-out "
+               f"tokens, {args.new_tokens} new tokens each, greedy; median of {args.repeats} interleaved repeats. "
+               "Every self-speculative output was checked identical to autoregressive.\n\n"
+               + "\n".join(batch_lines))
+        return
     ar = DecodeOptions(strategy="autoregressive", max_new_tokens=args.new_tokens)
     reference, _ = decode_each(model, prompts, ar)
 
@@ -140,16 +288,6 @@ def main() -> None:
         r["hf_tokens_per_s"] = n_tok / hf_times[f"hf {key}"]
         r["ratio"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
 
-    # batch 8 vs batch 1 at the best config and autoregressive
-    b8 = [prompts[i % len(prompts)] for i in range(8)]
-    best_opts = DecodeOptions(exit_layer=best["exit_layer"], draft_len=best["draft_len"], max_new_tokens=args.new_tokens)
-    batch_cases = {"self-spec batch 1": lambda: decode_each(model, b8, best_opts),
-                   "self-spec batch 8": lambda: generate(model, b8, best_opts),
-                   "autoregressive batch 1": lambda: decode_each(model, b8, ar),
-                   "autoregressive batch 8": lambda: generate(model, b8, ar)}
-    assert generate(model, b8, best_opts)[0] == decode_each(model, b8, ar)[0]
-    batch_times = interleaved_medians(batch_cases, args.repeats)
-
     lines = [f"Checkpoint `{ckpt}` ({L} layers, dim {model.cfg.dim}); {args.prompts} held-out prompts of "
              f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy; median of {args.repeats} "
              "interleaved repeats. Every self-speculative output was checked identical to autoregressive.", "",
@@ -183,12 +321,10 @@ def main() -> None:
     for r in hf_rows:
         lines.append(f"| {r['exit_layer']} | {r['draft_len']} | {r['identical_tokens']} | {r['ours_tokens_per_s']:,.0f} | "
                      f"{r['hf_tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** |")
-    lines += ["", "## batch 8 vs batch 1 (8 prompts)", "", "| decoder | tokens/s |", "|---|---|"]
-    for name, t in batch_times.items():
-        lines.append(f"| {name} | {8 * args.new_tokens / t:,.0f} |")
+    lines += [""] + batch_lines
     record("decoding_speedup", "Self-speculative decoding benchmark",
            {"args": vars(args), "rows": rows, "autoregressive_s": times["autoregressive"], "hf": hf_rows,
-            "hf_seconds": hf_times, "batch_seconds": batch_times,
+            "hf_seconds": hf_times, **batch_payload,
             "costs": {"block_s": costs.block, "head_s": costs.head, "step_s": costs.step},
             "dynamic": dynamic_stats}, "\n".join(lines))
 

@@ -45,6 +45,7 @@ class EarlyExitConfig:
     rotation_period: int = 4
     gradual_steps: int = 0
     checkpoint_heads: bool = False            # recompute exit logits in backward to save memory
+    loss_chunk_tokens: int = 0                # >0: chunked head + CE, logits of this many tokens at a time; 0 = plain
 
 
 @dataclass
@@ -228,6 +229,8 @@ def validate(cfg: RunConfig) -> None:
     _require(ee.rotation_period >= 1, "layerskip.early_exit.rotation_period", ee.rotation_period, "must be >= 1")
     _require(ee.gradual_steps >= 0, "layerskip.early_exit.gradual_steps", ee.gradual_steps, "must be >= 0")
     _require(ee.e_scale > 0, "layerskip.early_exit.e_scale", ee.e_scale, "must be positive")
+    _require(ee.loss_chunk_tokens >= 0, "layerskip.early_exit.loss_chunk_tokens", ee.loss_chunk_tokens,
+             "must be >= 0 (0 = plain path)")
     _require(tr.steps >= 1, "train.steps", tr.steps, "must be >= 1")
     _require(tr.stop_at_step is None or 1 <= tr.stop_at_step <= tr.steps, "train.stop_at_step",
              tr.stop_at_step, f"must be in 1..train.steps={tr.steps}")

@@ -24,6 +24,13 @@ def is_accelerator(device: torch.device) -> bool:
     return device.type == _ACCELERATOR
 
 
+def device_name(device: torch.device) -> str:
+    """A human-readable name: the accelerator's product name, or "CPU"."""
+    if is_accelerator(device):
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
 def distributed_backend(device: torch.device) -> str:
     return "nccl" if is_accelerator(device) else "gloo"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -67,6 +68,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1:
         ap.error(f"--batch-size={args.batch_size} must be >= 1")
     return args
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """The numeric flags, before anything is loaded: a value given is used as given or refused."""
+    for flag, value, least in (("--exit-layer", args.exit_layer, 1), ("--draft-len", args.draft_len, 1),
+                               ("--max-draft-len", args.max_draft_len, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--top-k", args.top_k, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag}={value} must be >= {least}")
+    if not 0 <= args.temperature < math.inf:   # also nan
+        raise ValueError(f"--temperature={args.temperature} must be a finite number >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:                 # also nan
+        raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
+    if not 0 < args.target_acceptance < 1:
+        raise ValueError(f"--target-acceptance={args.target_acceptance} must be in (0, 1)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -177,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.device import select_device
 
     try:
+        check_numbers(args)
         prompts = read_prompts(args)
         device = select_device(args.device, local_rank())
         model, tokenizer_path = load_model(args.checkpoint, device=device)   # in eval mode
@@ -189,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         best = best_from_eval(args.checkpoint)
         opts = DecodeOptions(
             strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-            exit_layer=args.exit_layer or best.get("exit_layer"),
-            draft_len=args.draft_len or best.get("draft_len") or 4,
+            exit_layer=args.exit_layer if args.exit_layer is not None else best.get("exit_layer"),
+            draft_len=args.draft_len if args.draft_len is not None else best.get("draft_len") or 4,
             sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
             eos_id=None if args.no_eos else end_of_text(tokenizer, tokenizer_path), seed=args.seed,
             adaptive_draft=args.adaptive_draft, target_acceptance=args.target_acceptance,

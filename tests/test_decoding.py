@@ -3,7 +3,7 @@ every exit and draft length; ragged batches; EOS; the lossy strategies; statisti
 import pytest
 import torch
 
-from conftest import NEW, PROMPTS, make_model, reference_greedy
+from builders import NEW, PROMPTS, make_model, reference_greedy
 from pretrain.decoding import DecodeOptions, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ against a fresh prefill of the committed tokens."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROMPTS, make_model, reference_greedy
+from builders import PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import ExitQueryCache, SamplingConfig, StaticKVCache
 from pretrain.decoding.runner import BlockRunner

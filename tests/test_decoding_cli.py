@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, reference_greedy
+from builders import make_model, reference_greedy
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pretrain import generate as cli
@@ -90,6 +90,30 @@ def test_errors_are_reported(capsys, fake_checkpoint, tmp_path):
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert cli.main(["--checkpoint", "x", "--prompt", "w1", "--exit-layer", "9"]) == 2
     assert "exit_layer=9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--exit-layer", "0"], "error: --exit-layer=0 must be >= 1"),
+    (["--strategy", "autoregressive", "--exit-layer", "0"], "error: --exit-layer=0 must be >= 1"),
+    (["--draft-len", "0"], "error: --draft-len=0 must be >= 1"),
+    (["--temperature", "nan"], "error: --temperature=nan must be a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "-0.5"], "error: --temperature=-0.5 must be a finite number >= 0 (0 = greedy)"),
+    (["--top-p", "nan"], "error: --top-p=nan must be in (0, 1]"),
+])
+def test_bad_numbers_are_one_line_errors(capsys, fake_checkpoint, flags, message):
+    """Given values are used as given or refused, never silently replaced by defaults."""
+    assert cli.main(["--checkpoint", "x", "--prompt", "w1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == message
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_errors(capsys, fake_checkpoint, monkeypatch):
+    monkeypatch.setattr(cli, "read_prompts", lambda args: ["w1"])
+    from tokenizers import Tokenizer
+
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: type("E", (), {"ids": [3, 64]})())
+    assert cli.main(["--checkpoint", "x", "--prompt", "w1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: prompt 0 holds token id 64, outside the model's vocabulary 0..63"
 
 
 def test_hugging_face_directory(capsys, tokenizer_file, tmp_path):

@@ -10,7 +10,7 @@ from pretrain.decoding import generate
 from torch._dynamo.utils import counters
 
 from pretrain.decoding.compiled import compile_blocks_for_decoding
-from conftest import make_model
+from builders import make_model
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12]]
 SETTINGS = [dict(strategy="autoregressive"), dict(exit_layer=2, draft_len=3),
@@ -44,6 +44,18 @@ def test_compiled_blocks_decode_the_same_tokens(models):
     # runs eagerly: a few graphs shared by all blocks means the update stayed outside
     graphs = counters["stats"]["unique_graphs"]
     assert 0 < graphs <= 24, graphs
+
+
+def test_rows_leaving_the_batch_under_compiled_blocks(models):
+    """A row ending at its first token and one ending mid-way leave the batch: the compiled blocks
+    then run on fewer rows (views of the same static cache storage) and give the eager tokens."""
+    eager, compiled = models
+    first, _ = generate(eager, PROMPTS, max_new_tokens=16, exit_layer=2, draft_len=3)
+    for eos in (first[2][0], first[0][5]):
+        expected, _ = generate(eager, PROMPTS, max_new_tokens=16, exit_layer=2, draft_len=3, eos_id=eos)
+        got, _ = generate(compiled, PROMPTS, max_new_tokens=16, exit_layer=2, draft_len=3, eos_id=eos,
+                          compile="default", compile_backend="aot_eager")
+        assert got == expected and min(map(len, got)) < 16
 
 
 def test_compile_option_errors(models):

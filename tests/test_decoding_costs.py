@@ -1,7 +1,7 @@
 """Decode cost model: the round cost formula matches the block and head calls the decoder makes,
 measured costs steer the dynamic exit without changing greedy output, and bad input is refused."""
 import pytest
-from conftest import NEW, PROMPTS, make_model
+from builders import NEW, PROMPTS, make_model
 
 from pretrain.decoding import generate
 from pretrain.decoding.cost_model import measure_decode_costs
@@ -23,18 +23,18 @@ def test_round_cost_counts_what_the_decoder_runs(model, monkeypatch):
         spent[0] += costs.step
         return embed(self, tokens)
 
-    def priced_blocks(self, h, start, stop, rows, exits=()):
+    def priced_blocks(self, h, start, stop, exits=()):
         spent[0] += (max(stop - start, 0)) * costs.block_cost(h.shape[1])
-        return blocks(self, h, start, stop, rows, exits)
+        return blocks(self, h, start, stop, exits)
 
-    def priced_head(self, h, rows):
+    def priced_head(self, h):
         spent[0] += costs.head_cost(h.shape[1] if h.dim() == 3 else 1)
-        return head(self, h, rows)
+        return head(self, h)
 
-    def end_of_round(self, length, stop=None):
+    def end_of_round(self, length, max_length=None, stop=None):
         rounds.append(spent[0])
         spent[0] = 0.0
-        return crop(self, length, stop)
+        return crop(self, length, max_length, stop)
 
     monkeypatch.setattr(BlockRunner, "embed", priced_embed)
     monkeypatch.setattr(BlockRunner, "blocks", priced_blocks)

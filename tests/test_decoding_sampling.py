@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from builders import build_tiny_model
 
 from pretrain.decoding import SamplingConfig, generate
 from pretrain.decoding.sampling import probabilities
@@ -92,6 +92,9 @@ CASES = {  # vocab, tokens tested, draft length, samples per seed, options
     # 3 tokens with γ=1: the second token is an accepted draft or a residual draw, the third the
     # bonus token when the draft was accepted
     "bonus": (4, 3, 1, 1500, dict(temperature=1.0)),
+    # rows stop drafting at different lengths in the same round (per-row thresholds τ_b)
+    "adaptive-per-row": (4, 3, 3, 1500, dict(temperature=1.0, adaptive_draft=True, draft_threshold=0.45,
+                                             target_acceptance=0.6)),
     "adaptive-dynamic": (4, 3, 3, 1500, dict(temperature=1.0, adaptive_draft=True, draft_threshold=0.3,
                                              dynamic_exit=True, probe_every=1, max_draft_len=3)),
 }
@@ -112,6 +115,8 @@ def test_sampling_matches_full_model_distribution(case):
         counts += empirical(out, k, vocab)
         accepted, rejections = accepted + stats.accepted, rejections + stats.rejections
     assert accepted > 0 and rejections > 0
+    if options.get("adaptive_draft"):
+        assert len(set(stats.draft_lens)) > 1 or stats.drafted < stats.rounds * gamma   # rows drafted less than γ
     assert chi_square_p_value(counts, probs) > 1e-3
     # the test has power: sampling from the early exit alone is told apart
     out, _ = generate(model, [prompt] * (3 * n), strategy="early_exit", exit_layer=1, max_new_tokens=k, **options)

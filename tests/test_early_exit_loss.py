@@ -6,15 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_batch
+from builders import make_batch
 from pretrain.layerskip.early_exit_loss import early_exit_loss
 from pretrain.layerskip.plan import StepPlan
 from pretrain.trainer.step import LayerSkipStep, split_micro_batches
 from parallel.stage import as_stage
 
 
-def test_loss_is_weighted_sum_of_exit_cross_entropies(tiny_model):
-    batch = make_batch(first_id=40)
+def test_loss_is_weighted_sum_of_exit_cross_entropies(tiny_model, device):
+    tiny_model.to(device)
+    batch = make_batch(first_id=40, device=device)
     weights = {2: 0.25, 4: 0.75}
     hiddens = tiny_model(batch["tokens"], exits=weights)
     loss, per_exit = early_exit_loss(tiny_model.exit_logits, hiddens, batch["targets"], weights,
@@ -46,10 +47,11 @@ def _grads_for_split(model, plan, batch, micro, checkpoint_heads):
 
 
 @pytest.mark.parametrize("checkpoint_heads", [False, True])
-def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_heads):
+def test_gradients_independent_of_accumulation_split(tiny_model, checkpoint_heads, device):
+    tiny_model.to(device)
     plan = StepPlan(step=3, drop_rates=(0.0, 0.2, 0.4, 0.6), exit_weights={1: 0.1, 3: 0.3, 4: 0.6},
                     dropout_seed=5)
-    batch = make_batch(n=8, first_id=40)
+    batch = make_batch(n=8, first_id=40, device=device)
     # Independent computation: whole batch at once, loss written out per exit with a token mean.
     ref_model = copy.deepcopy(tiny_model)
     keep = plan.keep_masks(batch["sample_ids"])

@@ -32,10 +32,11 @@ def reference_with_skips(model, tokens, keep):
     return torch.cat(outs)
 
 
-def test_dropped_rows_pass_unchanged_and_are_not_computed(tiny_model):
+def test_dropped_rows_pass_unchanged_and_are_not_computed(tiny_model, device):
+    tiny_model.to(device)
     torch.manual_seed(1)
-    tokens = torch.randint(0, 97, (6, 10))
-    keep = torch.rand(4, 6) > 0.5
+    tokens = torch.randint(0, 97, (6, 10), device=device)
+    keep = (torch.rand(4, 6) > 0.5).to(device)
     keep[2] = False  # a block nobody runs
     counter = RowCounter(tiny_model)
     with torch.no_grad():

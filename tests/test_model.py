@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny_model
+from builders import build_tiny_model
 from pretrain.model import LayerSkipTransformer, ModelConfig
 
 
@@ -18,7 +18,7 @@ def reference_forward(model: LayerSkipTransformer, tokens: torch.Tensor, n_block
     pos = torch.arange(t, dtype=torch.float64)
     freqs = torch.tensor([cfg.rope_theta ** (-2 * i / hd) for i in range(hd // 2)], dtype=torch.float64)
     ang = pos[:, None] * freqs[None, :]
-    cos, sin = ang.cos().float(), ang.sin().float()
+    cos, sin = ang.cos().float().to(tokens.device), ang.sin().float().to(tokens.device)
 
     def rope(x):  # x [b, t, h, hd], rotate pairs (i, i + hd/2)
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
@@ -38,7 +38,7 @@ def reference_forward(model: LayerSkipTransformer, tokens: torch.Tensor, n_block
         rep = cfg.n_heads // cfg.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1), float("-inf"))
         att = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, t, -1)
         x = x + att @ blk.attention.wo.weight.T
         m = rms(x, blk.ffn_norm.weight)
@@ -48,16 +48,18 @@ def reference_forward(model: LayerSkipTransformer, tokens: torch.Tensor, n_block
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, 3, 4])
-def test_exit_logits_match_reference(tiny_model, exit_layer):
-    tokens = torch.randint(0, tiny_model.cfg.vocab_size, (2, 11))
+def test_exit_logits_match_reference(tiny_model, exit_layer, device):
+    tiny_model.to(device)
+    tokens = torch.randint(0, tiny_model.cfg.vocab_size, (2, 11), device=device)
     with torch.no_grad():
         ours = tiny_model.logits(tokens, exit_layer=exit_layer)
         ref = reference_forward(tiny_model, tokens, exit_layer)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_forward_returns_requested_exits_and_final(tiny_model):
-    tokens = torch.randint(0, 97, (3, 8))
+def test_forward_returns_requested_exits_and_final(tiny_model, device):
+    tiny_model.to(device)
+    tokens = torch.randint(0, 97, (3, 8), device=device)
     with torch.no_grad():
         hiddens = tiny_model(tokens, exits=[1, 3])
         assert sorted(hiddens) == [1, 3, 4]
@@ -66,9 +68,10 @@ def test_forward_returns_requested_exits_and_final(tiny_model):
                                        tiny_model.logits(tokens, exit_layer=layer))
 
 
-def test_exit_head_is_shared(tiny_model):
+def test_exit_head_is_shared(tiny_model, device):
     """One norm + output projection for every exit: gradients of all exits land on it."""
-    tokens = torch.randint(0, 97, (2, 8))
+    tiny_model.to(device)
+    tokens = torch.randint(0, 97, (2, 8), device=device)
     hiddens = tiny_model(tokens, exits=[1])
     tiny_model.exit_logits(hiddens[1]).sum().backward()
     assert tiny_model.output.weight.grad is not None

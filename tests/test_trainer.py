@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from conftest import make_batch, one_process_trainer, tiny_run_config
+from builders import make_batch, one_process_trainer, tiny_run_config
 from pretrain.config import RunConfig
 from pretrain.layerskip.plan import StepPlan
 from pretrain.trainer.build import build_optimizer
@@ -15,7 +15,7 @@ PLAN = StepPlan(step=1, drop_rates=(0.0, 0.3, 0.5, 0.6), exit_weights={2: 0.4, 4
 
 def run(model, steps=3, **options):
     trainer = one_process_trainer(tiny_run_config(model.cfg, **options), model)
-    b = make_batch(n=4, seed=3)
+    b = make_batch(n=4, seed=3, device=next(model.parameters()).device)
     return [trainer.train_step(StepPlan(step=s, drop_rates=PLAN.drop_rates, exit_weights=PLAN.exit_weights,
                                         dropout_seed=0), b) for s in range(steps)], trainer.model_parts[0]
 
@@ -29,8 +29,8 @@ def test_activation_checkpointing_is_exact(tiny_model):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
 
 
-def test_bf16_autocast_trains(tiny_model):
-    results, _ = run(tiny_model, steps=6, dtype="bfloat16")
+def test_bf16_autocast_trains(tiny_model, device):
+    results, _ = run(tiny_model.to(device), steps=6, dtype="bfloat16", device=device.type)
     assert all(torch.isfinite(torch.tensor(r.loss)) for r in results)
     assert results[-1].loss < results[0].loss
 

@@ -82,6 +82,16 @@ def _validate(opts: DecodeOptions, num_layers: int) -> int:
     return exit_layer
 
 
+def _check_prompts(prompts: list[list[int]], vocab_size: int, opts: DecodeOptions) -> None:
+    """Token ids inside the vocabulary (the room for positions is checked in generate)."""
+    for i, prompt in enumerate(prompts):
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i} holds token id {bad}, outside the model's vocabulary 0..{vocab_size - 1}")
+    if opts.eos_id is not None and not 0 <= opts.eos_id < vocab_size:
+        raise ValueError(f"eos_id={opts.eos_id} is outside the model's vocabulary 0..{vocab_size - 1}")
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOptions | None = None,
              **kwargs) -> tuple[list[list[int]], DecodeStats]:
@@ -98,10 +108,14 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
     model.eval()
     speculative = opts.strategy == "self_speculative"
     gamma_cap = max(opts.draft_len, opts.max_draft_len if opts.dynamic_exit else 0) if speculative else 0
+    _check_prompts(prompts, model.cfg.vocab_size, opts)
     seqs = Sequences(prompts, opts.max_new_tokens, opts.eos_id, spare=gamma_cap + 1, device=device)
-    if seqs.capacity > model.cfg.max_seq_len:
-        raise ValueError(f"longest prompt + max_new_tokens + draft needs {seqs.capacity} positions, "
-                         f"the model allows {model.cfg.max_seq_len}")
+    # the positions decoding runs: the prompt and every new token but the last (never fed back);
+    # drafts past a row's last token are never committed and need no position of their own
+    needed = seqs.longest_prompt + opts.max_new_tokens - 1
+    if needed > model.cfg.max_seq_len:
+        raise ValueError(f"the longest prompt ({seqs.longest_prompt} tokens) + max_new_tokens={opts.max_new_tokens} "
+                         f"needs {needed} positions, the model allows {model.cfg.max_seq_len} (model.max_seq_len)")
     if opts.compile is not None:
         compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
     cache_type = decoding_cache_type(model)

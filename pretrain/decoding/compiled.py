@@ -30,7 +30,20 @@ class CompiledRegionKVCache(StaticKVCache):
     attention every slot of the cache, masked past each query's position, instead of the
     attended span: the shapes the compiled attention sees are then fixed by (batch, new tokens,
     capacity), so CUDA graphs are recorded once per draft/verify width rather than per step.
-    Masked slots get zero weight: the output is the span's, up to summation order."""
+    Masked slots get zero weight: the output is the span's, up to summation order.
+
+    The cache tensors are marked static (torch._dynamo.mark_static_address): compiled regions
+    take them as fixed addresses, so a CUDA graph replay reads them in place instead of copying
+    them into the graph's inputs. Rows leaving the batch keep the addresses (views of the first
+    rows of the same storage); the shorter batch is a new shape, recorded once."""
+
+    def _view_rows(self, rows: int) -> None:
+        super()._view_rows(rows)
+        import torch._dynamo
+
+        for tensors in (*self._storage.values(), self.k.values(), self.v.values(), self.lengths.values()):
+            for t in tensors:
+                torch._dynamo.mark_static_address(t)
 
     @torch.compiler.disable
     def update(self, layer, k, v):

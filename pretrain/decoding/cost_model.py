@@ -53,17 +53,17 @@ def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: in
         runner = BlockRunner(model, cache, DecodeStats())
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(cfg.vocab_size, (1, context + max_positions), generator=generator).to(device)
-        runner.blocks(runner.embed(ids[:, :context]), 0, cfg.n_layers, 1)
+        runner.blocks(runner.embed(ids[:, :context]), 0, cfg.n_layers)
         kept = torch.full((1,), context, dtype=torch.long, device=device)
         block, head = [], []
         for m in range(1, max_positions + 1):
             h = runner.embed(ids[:, context:context + m])
 
             def blocks(h=h):
-                runner.blocks(h, 0, cfg.n_layers, 1)
+                runner.blocks(h, 0, cfg.n_layers)
 
             block.append(_median_seconds(blocks, lambda: cache.crop(kept), device, repeats, warmup) / cfg.n_layers)
-            head.append(_median_seconds(lambda h=h: runner.head(h, 1).argmax(-1), lambda: None, device, repeats,
+            head.append(_median_seconds(lambda h=h: runner.head(h).argmax(-1), lambda: None, device, repeats,
                                         warmup))
         prompt = [ids[0, :context].tolist()]
         short, long = (_median_seconds(lambda n=n: generate(model, prompt, strategy="autoregressive",

@@ -16,6 +16,13 @@ expected tokens per layer evaluated, (1 - α^(γ+1)) / ((1 - α)(γE + L)), or, 
 DecodeCosts, of the expected speedup under those costs (schedules/speedup.py): the time a block
 takes on γ+1 positions and the head's time then count.
 
+Per row. E is shared by the batch (a forward runs one range of blocks for every row), γ is chosen
+per row: each row keeps its own decayed count of accepted and judged drafts at the current exit
+(reset when E moves), and once it has judged `row_evidence` drafts its γ_b is the best γ in
+0..max_draft_len for its own acceptance under the same costs (γ_b = 0: the row takes one plain
+step per round, for a row that rarely agrees with the exit), looked up in a table over α in
+steps of 0.01; until then, the batch's γ.
+
 Switching E. All blocks share one KV cache and, between rounds, every block holds the KV of
 every committed token but the last (which has not been run at all); each entry was computed from
 committed inputs, so it is the same whichever pass wrote it. If E grows, blocks [E_old, E_new)
@@ -27,7 +34,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schedules.speedup import DecodeCosts, best_draft_config
+import torch
+
+from schedules.speedup import DecodeCosts, best_draft_config, expected_speedup_with_costs
 
 
 @dataclass
@@ -42,6 +51,10 @@ class DynamicExit:
     costs: DecodeCosts | None = None   # None: count layers
     score: dict[int, float] = field(default_factory=dict)   # decayed sum of per-position scores
     count: dict[int, float] = field(default_factory=dict)   # decayed number of positions
+    row_evidence: float = 4.0          # judged drafts a row needs before its own γ_b is used
+    row_accepted: torch.Tensor | None = None   # [B] decayed accepted drafts at the current exit
+    row_judged: torch.Tensor | None = None     # [B] decayed judged drafts at the current exit
+    _tables: dict[int, torch.Tensor] = field(default_factory=dict)   # exit -> best γ per α in 0, 0.01, .., 1
 
     def __post_init__(self):
         if self.costs is None:
@@ -49,6 +62,33 @@ class DynamicExit:
         if self.costs.max_positions < self.max_draft_len + 1:
             raise ValueError(f"decode costs measured up to {self.costs.max_positions} positions; the dynamic exit "
                              f"needs max_draft_len + 1 = {self.max_draft_len + 1}")
+
+    def start(self, batch: int, device: torch.device | str) -> "DynamicExit":
+        self.row_accepted = torch.zeros(batch, device=device)
+        self.row_judged = torch.zeros(batch, device=device)
+        return self
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.row_accepted, self.row_judged = self.row_accepted[index], self.row_judged[index]
+
+    def observe_rows(self, accepted: torch.Tensor, judged: torch.Tensor) -> None:
+        """One round's drafts per row at the exit in use: accepted of judged, [B]."""
+        self.row_accepted = self.decay * self.row_accepted + accepted
+        self.row_judged = self.decay * self.row_judged + judged
+
+    def row_draft_lens(self) -> torch.Tensor:
+        """[B] γ_b: the best γ for each row's own acceptance once it has the evidence, else the batch's."""
+        table = self._tables.get(self.exit_layer)
+        if table is None:
+            grid = [i / 100 for i in range(101)]
+            best = [max(range(self.max_draft_len + 1),
+                        key=lambda g, a=a: (round(expected_speedup_with_costs(a, g, self.exit_layer, self.num_layers,
+                                                                              self.costs), 12), -g))
+                    for a in grid]
+            table = self._tables[self.exit_layer] = torch.tensor(best, device=self.row_judged.device)
+        alpha = self.row_accepted / self.row_judged.clamp_min(1e-9)
+        own = table[(alpha.clamp(0, 1) * 100).round().long()]
+        return torch.where(self.row_judged >= self.row_evidence, own, self.draft_len)
 
     def probe_exits(self, round_index: int) -> list[int]:
         """Exits other than the current one to read this round (none on most rounds)."""
@@ -73,6 +113,10 @@ class DynamicExit:
         layer-count costs: the expected tokens per layer, times L)."""
         measured = {e: a for e in self.count if (a := self.acceptance(e)) is not None}
         if measured:
-            self.exit_layer, self.draft_len, _ = best_draft_config(measured, self.num_layers, self.max_draft_len,
-                                                                   self.costs)
+            exit_layer, self.draft_len, _ = best_draft_config(measured, self.num_layers, self.max_draft_len,
+                                                              self.costs)
+            if exit_layer != self.exit_layer and self.row_judged is not None:   # the rows' evidence was for the old E
+                self.row_accepted.zero_()
+                self.row_judged.zero_()
+            self.exit_layer = exit_layer
         return self.exit_layer, self.draft_len

@@ -12,11 +12,14 @@ right-padded to the longest prompt, then `crop(prompt_lengths)` drops the paddin
 `crop(lengths, layers)` sets per-row lengths (never longer than what is stored): after a
 verification the decoder crops every layer, early and late, to the committed tokens. Blocks are
 addressed by global index, so a model whose `layers` ModuleDict holds a subset works unchanged.
+`select_rows(index)` keeps the rows of a batch whose finished rows left it: the tensors are views
+of the first rows of storage allocated once, so their addresses never change (CUDA graphs).
 
 Masks. Every layer run in one forward starts from the same lengths, so the write slots and the
 mask are built once per forward and reused: a layer's lengths are (lengths given at its last crop) + (tokens written
 since), identified on the host by (crop generation, tokens written). The same host bookkeeping
-gives the attended span without reading device memory.
+gives the attended span without reading device memory: the decoder hands `crop` the longest row it
+already read in its one synchronisation per round, so a crop reads nothing from the device either.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ class StaticKVCache:
                  *, dtype: torch.dtype, device: torch.device | str):
         layers = sorted(layers)
         shape = (batch, n_kv_heads, capacity, head_dim)
-        self.k = {l: torch.zeros(shape, dtype=dtype, device=device) for l in layers}
-        self.v = {l: torch.zeros(shape, dtype=dtype, device=device) for l in layers}
-        self.lengths = {l: torch.zeros(batch, dtype=torch.long, device=device) for l in layers}
-        self.batch, self.capacity = batch, capacity
+        self._storage = {l: (torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(batch, dtype=torch.long, device=device)) for l in layers}
+        self.capacity = capacity
+        self._view_rows(batch)
         self._slots = torch.arange(capacity, device=device)
         self._generation = 0
         self._max_at_crop = {0: 0}                  # generation -> host max of the lengths it set
@@ -53,6 +57,21 @@ class StaticKVCache:
         return cls([int(name) for name in model.layers], batch, capacity, local_kv_heads, cfg.head_dim,
                    dtype=weight.dtype, device=weight.device)
 
+    def _view_rows(self, rows: int) -> None:
+        """k, v and lengths: the first `rows` rows of the storage."""
+        self.k = {l: k[:rows] for l, (k, _, _) in self._storage.items()}
+        self.v = {l: v[:rows] for l, (_, v, _) in self._storage.items()}
+        self.lengths = {l: n[:rows] for l, (_, _, n) in self._storage.items()}
+        self.batch = rows
+        self._mask_key = None
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` [B'] (in that order) of every layer; the others leave the batch."""
+        for l, stored in self._storage.items():
+            for full, now in zip(stored, (self.k[l], self.v[l], self.lengths[l])):
+                full[:len(index)] = now.index_select(0, index)
+        self._view_rows(len(index))
+
     @property
     def layers(self) -> list[int]:
         return list(self.k)
@@ -61,13 +80,18 @@ class StaticKVCache:
         """[B, T] positions (= slots) the next `new_tokens` tokens of each row take at `layer`."""
         return self.lengths[layer][:, None] + self._slots[:new_tokens]
 
+    def span(self, layer: int, new_tokens: int) -> int:
+        """Host bound of the slots the longest row of `layer` spans after `new_tokens` more."""
+        generation, written = self._state[layer]
+        return self._max_at_crop[generation] + written + new_tokens
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append k, v [B, Hkv, T, Dh]; return slots [0, width) of the layer and the bool mask
         [B, 1, T, width] (True = attend), width = attended_width(span)."""
         t = k.shape[2]
         generation, written = self._state[layer]
-        span = self._max_at_crop[generation] + written + t
+        span = self.span(layer, t)
         if span > self.capacity:
             raise ValueError(f"decoding needs {span} cache slots, the cache holds {self.capacity}")
         width = self.attended_width(span)
@@ -87,17 +111,22 @@ class StaticKVCache:
         """Slots handed to attention when `span` of them may be attended: just those."""
         return span
 
-    def crop(self, lengths: torch.Tensor | list[int], layers: Iterable[int] | None = None) -> None:
-        """Keep the first lengths[b] slots of row b in `layers` (default: all); the rest is dropped."""
+    def crop(self, lengths: torch.Tensor | list[int], layers: Iterable[int] | None = None,
+             max_length: int | None = None) -> None:
+        """Keep the first lengths[b] slots of row b in `layers` (default: all); the rest is dropped.
+        `max_length`: an upper bound of the lengths the caller knows on the host (the decoder's
+        rounds: no device read, and the lengths are trusted); without it they are read and checked."""
         layers = self.layers if layers is None else list(layers)
         lengths = torch.as_tensor(lengths, dtype=torch.long, device=self._slots.device)
         if lengths.shape != (self.batch,):
             raise ValueError(f"crop needs one length per row ({self.batch}), got shape {tuple(lengths.shape)}")
-        stored = torch.stack([self.lengths[l] for l in layers])
-        if bool((lengths < 0).any() | (lengths[None, :] > stored).any()):
-            raise ValueError(f"cannot crop to {lengths.tolist()}: longer than stored or negative")
+        if max_length is None:
+            stored = torch.stack([self.lengths[l] for l in layers])
+            if bool((lengths < 0).any() | (lengths[None, :] > stored).any()):
+                raise ValueError(f"cannot crop to {lengths.tolist()}: longer than stored or negative")
+            max_length = int(lengths.max())
         self._generation += 1
-        self._max_at_crop[self._generation] = int(lengths.max())
+        self._max_at_crop[self._generation] = max_length
         for l in layers:
             self.lengths[l].copy_(lengths)
             self._state[l] = (self._generation, 0)
@@ -108,14 +137,21 @@ class StaticKVCache:
 class ExitQueryCache:
     """Exit hidden states h_E of tokens that went through blocks [0, E) but not yet [E, L).
 
-    Rows draft in lockstep, so every row holds the same number of entries; entry j of row b belongs
-    to position start[b] + j. The decoder appends one entry per draft step, hands all of them to the
-    late blocks in one forward, then crops to what is still unverified (nothing, after a round).
+    Rows draft in step, so every row holds the same number of entries (a row whose own draft length
+    is shorter has its extra entries ignored); entry j of row b belongs to position start[b] + j. The
+    decoder appends one entry per draft step, hands all of them to the late blocks in one forward,
+    then crops to what is still unverified (nothing, after a round).
     """
 
     def __init__(self, batch: int, capacity: int, dim: int, *, dtype: torch.dtype, device: torch.device | str):
-        self.h = torch.zeros(batch, capacity, dim, dtype=dtype, device=device)
+        self._storage = torch.zeros(batch, capacity, dim, dtype=dtype, device=device)
+        self.h = self._storage
         self.count = 0
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (in that order); the entries of the kept rows move with them."""
+        self._storage[:len(index), :self.count] = self.h[:, :self.count].index_select(0, index)
+        self.h = self._storage[:len(index)]
 
     def append(self, h: torch.Tensor) -> None:
         t = h.shape[1]

@@ -3,6 +3,7 @@ and the speculative-sampling acceptance rule that keeps the full model's distrib
 accept a draft d with probability min(1, p(d)/q(d)); on rejection draw from norm(max(0, p - q))."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +16,11 @@ class SamplingConfig:
     top_p: float = 1.0         # 1 = off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not 0 <= self.temperature < math.inf:   # also refuses nan
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:   # also refuses nan
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
     @property
@@ -29,8 +30,14 @@ class SamplingConfig:
 
 def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """The distribution tokens are drawn from: softmax(logits / T) restricted to the top-k and to
-    the smallest set with mass >= top_p, renormalised. [..., V] float32."""
-    logits = logits.float() / cfg.temperature
+    the smallest set with mass >= top_p, renormalised. [..., V] float32.
+
+    The logits are shifted by their maximum before the division, so that any positive temperature,
+    however small (1e-45 is a float32 subnormal), gives finite scaled logits: the largest is 0, the
+    others <= 0 or -inf, and the softmax is never nan."""
+    logits = logits.float()
+    shifted = logits - logits.max(-1, keepdim=True).values
+    logits = torch.where(shifted == 0, 0.0, shifted / cfg.temperature)
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

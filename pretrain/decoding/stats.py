@@ -19,11 +19,12 @@ class DecodeStats:
     drafted: int = 0              # draft tokens the verifier judged or could have (self-speculative)
     accepted: int = 0             # of which accepted
     rejections: int = 0           # row-rounds that ended on a rejected draft
-    rounds: int = 0               # decoding rounds (draft+verify, or one step) summed over active rows
+    rounds: int = 0               # decoding rounds (draft+verify, or one step) summed over the batch's rows
     # Cost after the prefill, counted per row: a block run once for one row counts 1 however many
     # positions it processes (decoding is bound by weight loading and per-call overhead); the
-    # denominator γE + L of the expected tokens per layer counts the same thing. Rows that already
-    # finished but still ride along in the batch are not counted.
+    # denominator γE + L of the expected tokens per layer counts the same thing. Every row computed
+    # counts: finished rows have left the batch, and a row that drafts fewer tokens than the others
+    # of its round is computed (and counted) for the whole round's forwards.
     layer_evals: int = 0
     position_layer_evals: int = 0  # compute-bound cost: one block on one position of one row
     prefill_layer_evals: int = 0   # per row, like layer_evals

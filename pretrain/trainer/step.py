@@ -50,6 +50,7 @@ class LayerSkipStep:
     step_tokens: int                  # target tokens of the whole step, all data-parallel ranks
     dtype: str = "float32"
     checkpoint_heads: bool = False
+    chunk_tokens: int = 0             # early-exit loss over token chunks (0 = plain path)
     exit_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # detached, over micro-batches
     rows_run: int = 0                 # block-rows computed on this rank
 
@@ -66,7 +67,7 @@ class LayerSkipStep:
             if exits:
                 loss, per_exit = early_exit_loss(part.exit_logits, hiddens, targets,
                                                  {l: self.plan.exit_weights[l] for l in exits},
-                                                 self.step_tokens, self.checkpoint_heads)
+                                                 self.step_tokens, self.checkpoint_heads, chunk_tokens=self.chunk_tokens)
                 for layer, value in per_exit.items():
                     self.exit_sums[layer] = self.exit_sums.get(layer, 0.0) + value
         self.rows_run += h.shape[0] * (stop - start) if keep is None else int(keep[start:stop].sum())

@@ -67,7 +67,8 @@ class Trainer:
         count = torch.tensor([count_step_tokens(batch)], dtype=torch.float64, device=dims.device)
         step_tokens = int(self._all_reduce(count, dims.dp_group).item())
         step = LayerSkipStep(plan, step_tokens, dtype=cfg.train.dtype,
-                             checkpoint_heads=cfg.layerskip.early_exit.checkpoint_heads)
+                             checkpoint_heads=cfg.layerskip.early_exit.checkpoint_heads,
+                             chunk_tokens=cfg.layerskip.early_exit.loss_chunk_tokens)
         with loss_parallel() if dims.tp > 1 else contextlib.nullcontext():
             if self.schedule is not None:
                 run_schedule(self.schedule, self.stages, batch, step)

@@ -19,7 +19,7 @@ from pretrain.layerskip.plan import StepPlan, step_plan  # noqa: E402
 from pretrain.model import LayerSkipTransformer  # noqa: E402
 from pretrain.trainer.build import build_optimizer, learning_rate_at as lr_at  # noqa: E402
 from launch import report  # noqa: E402,F401  (the scripts' RESULT line)
-from conftest import tiny_model_config  # noqa: E402  (the tests' one tiny-model builder)
+from builders import tiny_model_config  # noqa: E402  (the tests' one tiny-model builder)
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from common import report
-from conftest import make_model
+from builders import make_model
 from pretrain.decoding import DecodeOptions, generate
 from parallel.mesh import init_process_group, teardown_parallel
 from parallel.tensor_parallel import apply_tensor_parallel_for_decoding

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not RUN_ENABLED, reason=SKIP_REASON)
 # The trainer's side of operations (signals -> checkpoint -> exit 75 + requeue file; the hang
 # watchdog, exit 76) lives in pretrain/operations/; these tests need it.
 HAS_OPERATIONS = (ROOT / "pretrain" / "operations" / "exit_codes.py").is_file()
-HAS_WATCHDOG = "watchdog_min_s" in (ROOT / "conf" / "train" / "default.yaml").read_text()
+HAS_WATCHDOG = "watchdog_min_s" in (ROOT / "pretrain" / "config.py").read_text()
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--exclusive"]
 
 
