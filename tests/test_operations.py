@@ -16,6 +16,7 @@ from pretrain.metrics.logger import truncate_metrics
 from pretrain.operations.exit_codes import EXIT_HANG, NonFiniteStop, RunDirInUse
 from pretrain.operations.nonfinite import NonFiniteGuard, all_finite, finite_tree
 from pretrain.operations.requeue import write_requeue_file
+from pretrain.operations.run_dir import for_restarted_workers, resume_mode_of_workers
 from pretrain.operations.run_lock import RunLock
 from pretrain.operations.signals import SignalFlag
 from pretrain.operations.time_budget import StepTimes, deadline_from, should_leave
@@ -133,6 +134,7 @@ def test_second_trainer_on_a_run_dir_is_refused(tmp_path):
     script = f"""
 import sys
 sys.path.insert(0, {str(os.getcwd())!r})
+from pretrain.operations.run_dir import for_restarted_workers, resume_mode_of_workers
 from pretrain.operations.run_lock import RunLock
 RunLock({str(tmp_path)!r}).acquire()
 """
@@ -192,3 +194,16 @@ def test_operations_keys_are_validated(key, value, match):
     setattr(getattr(cfg, group), name, value)
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
+
+
+def test_restarted_workers_resume_the_run_their_first_round_began(monkeypatch):
+    assert resume_mode_of_workers("none", 0) == "none"
+    assert resume_mode_of_workers("none", 1) == "auto"
+    assert resume_mode_of_workers("/ckpt/step_00000010", 2) == "/ckpt/step_00000010"
+    cfg = RunConfig()
+    cfg.checkpoint.resume = "none"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert for_restarted_workers(cfg).checkpoint.resume == "auto"
+    assert cfg.checkpoint.resume == "none"  # the given config is not changed
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert for_restarted_workers(cfg) is cfg

@@ -5,16 +5,34 @@
 - checkpoint.resume=none in a directory that holds checkpoints is refused unless
   checkpoint.overwrite=true (then those checkpoints and eval.json are deleted: a new run never
   mixes with an older, longer one);
+- workers restarted by torchrun (--max-restarts) continue the run their first round began, even
+  when it was started with checkpoint.resume=none;
 - leftovers of an interrupted save (step_<N>.tmp) are removed (the run lock says no one else is
   writing them).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 from pretrain.config import ConfigError, RunConfig
+
+
+def resume_mode_of_workers(mode: str, restart_count: int) -> str:
+    """checkpoint.resume for workers in restart round `restart_count` (TORCHELASTIC_RESTART_COUNT):
+    a fresh start (none) becomes auto from the second round on, so a restart neither refuses
+    the run's own checkpoints nor, with checkpoint.overwrite=true, deletes them."""
+    return "auto" if mode == "none" and restart_count > 0 else mode
+
+
+def for_restarted_workers(cfg: RunConfig) -> RunConfig:
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    mode = resume_mode_of_workers(cfg.checkpoint.resume, int(count) if count.isdigit() else 0)
+    if mode == cfg.checkpoint.resume:
+        return cfg
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=mode))
 
 
 def link_checkpoint_dir(run_dir: Path, target: str | None) -> None:

@@ -25,6 +25,7 @@ from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
 from pretrain.metrics.logger import MetricsLogger, write_text_atomic
 from pretrain.operations.nonfinite import finite_tree
+from pretrain.operations.run_dir import for_restarted_workers
 from pretrain.operations.session import RunOperations
 from pretrain.trainer.build import build_model, learning_rate_at
 from pretrain.trainer.preflight import CheckedRun, check_run
@@ -52,7 +53,7 @@ def train(cfg: RunConfig, extra_files: dict[str, str] | None = None) -> dict:
     Every check runs first (ConfigError naming the key, nothing written); then, with several
     processes, the process group and the device mesh are created. Raises RunInterrupted (exit 75)
     after writing a checkpoint on a signal or at the time limit."""
-    run = check_run(cfg, launched_world_size())
+    run = check_run(for_restarted_workers(cfg), launched_world_size())
     created_group = setup_parallel(run.dims, run.cfg.train.collective_timeout_s)
     try:
         summary = _train(run, extra_files or {})

@@ -12,15 +12,11 @@ import time
 
 import pytest
 
-from jobs import (ROOT, RUN_ENABLED, SKIP_REASON, STEPS, job_field, log, logged_steps, overrides, rank_of,
+from jobs import (RUN_ENABLED, SKIP_REASON, STEPS, job_field, log, logged_steps, overrides, rank_of,
                   state, submit, train_losses, wait_done, wait_for, worker_pids)
 
 pytestmark = pytest.mark.skipif(not RUN_ENABLED, reason=SKIP_REASON)
 
-# The trainer's side of operations (signals -> checkpoint -> exit 75 + requeue file; the hang
-# watchdog, exit 76) lives in pretrain/operations/; these tests need it.
-HAS_OPERATIONS = (ROOT / "pretrain" / "operations" / "exit_codes.py").is_file()
-HAS_WATCHDOG = "watchdog_min_s" in (ROOT / "pretrain" / "config.py").read_text()
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--exclusive"]
 
 
@@ -60,7 +56,6 @@ def test_kill_9_of_one_rank_fails_the_job_within_seconds(slurm_cluster, data_dir
     assert not worker_pids(str(run_dir))
 
 
-@pytest.mark.skipif(not HAS_OPERATIONS, reason="the trainer has no signal handling yet (pretrain/operations/)")
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, data_dir, reference_losses,
                                                                tmp_path):
     # checkpoint.every_minutes=0: the only checkpoint before the end is the one the signal asks for
@@ -85,7 +80,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, d
     assert train_losses(run_dir)[STEPS - 1] == pytest.approx(reference_losses[STEPS - 1], rel=1e-5)
 
 
-@pytest.mark.skipif(not HAS_WATCHDOG, reason="the trainer has no hang watchdog yet (train.watchdog_min_s)")
 def test_stopped_rank_ends_the_job_through_the_watchdog(slurm_cluster, data_dir, tmp_path):
     job, run_dir = start_long_run(tmp_path, data_dir, "train.watchdog_min_s=5", "train.watchdog_factor=10",
                                   "train.collective_timeout_s=300")
