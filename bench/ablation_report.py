@@ -106,7 +106,7 @@ def write_report(args, results: dict[str, dict], figures: dict[str, Path], out: 
     L = args.layers
     rel = {k: p.relative_to(out).as_posix() for k, p in figures.items()}
     base_loss = results["baseline"]["exits"][L]["loss"] if "baseline" in results else None
-    lines = [f"# LayerSkip ablation at CPU scale", "",
+    lines = ["# LayerSkip ablation at CPU scale", "",
              f"- command: `{command}`", f"- machine: {machine()}",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (commit {_git_rev()}); "
              f"whole ablation {wall_s / 60:.1f} min", "",

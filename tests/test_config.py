@@ -137,3 +137,38 @@ def test_failed_resume_with_other_data_leaves_the_run_directory_alone(bad_source
     assert cli(run_dir, data=bad_sources["empty_val"]) == 2
     assert "data.dir" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in recorded} == recorded
+
+
+def test_data_with_another_tokenizer_than_the_run_or_the_initial_model_is_refused(bad_sources, tmp_path, capsys):
+    """Same vocabulary size, other token ids: caught before any work, nothing written."""
+    import json
+    import shutil
+
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(bad_sources["data"], other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+
+    run_dir = tmp_path / "run"
+    assert cli(run_dir, "train.stop_at_step=1", data=bad_sources["data"]) == 0
+    recorded = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli(run_dir, data=other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.resume" in err[0] and "2 token ids" in err[0], err
+    assert {p: p.read_bytes() for p in recorded} == recorded
+
+    init = tmp_path / "init"  # an exported model dir with the original tokenizer
+    init.mkdir()
+    shutil.copy(bad_sources["data"] / "tokenizer.json", init / "tokenizer.json")
+    from pretrain.trainer.preflight import check_tokenizers
+
+    cfg = RunConfig()
+    cfg.data.dir, cfg.run_dir, cfg.checkpoint.init_from = str(other), str(tmp_path / "fresh"), str(init)
+    with pytest.raises(ConfigError, match="checkpoint.init_from"):
+        check_tokenizers(cfg)
+    cfg.data.dir = str(bad_sources["data"])
+    check_tokenizers(cfg)  # the same tokenizer passes

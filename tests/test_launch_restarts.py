@@ -22,11 +22,8 @@ BASE = ["model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.mi
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    subprocess.run([sys.executable, "-m", "pretrain.data.prepare", "--out", str(out), "--max-files", "40",
-                    "--vocab-size", "512", "--seq-len", "32"], check=True, capture_output=True, timeout=300)
-    return out
+def data_dir(prepared_data):
+    return prepared_data
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:

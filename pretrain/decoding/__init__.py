@@ -1,5 +1,5 @@
 """Decoding for LayerSkip models: autoregressive, early exit and self-speculative (KVQ cache)."""
-from pretrain.decoding.api import STRATEGIES, DecodeOptions, generate, make_options
+from pretrain.decoding.generation import STRATEGIES, DecodeOptions, generate, make_options
 from pretrain.decoding.kv_cache import ExitQueryCache, StaticKVCache
 from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.stats import DecodeStats

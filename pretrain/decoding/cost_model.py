@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from pretrain.decoding.api import generate
+from pretrain.decoding.generation import generate
 from pretrain.decoding.compiled import decoding_cache_type
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.stats import DecodeStats

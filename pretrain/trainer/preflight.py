@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from pretrain.config import ConfigError, RunConfig, check_layout, validate
 from pretrain.data.dataset import DataError, PackedDataset
 from pretrain.data.mixture import MixedDataset
-from pretrain.data.sources import open_split, validation_sets
+from pretrain.data.sources import open_split, source_list, validation_sets
 from pretrain.device import select_device
 from pretrain.hf_interop import HFConfigError
 from pretrain.model_loading import model_config_at
+from pretrain.operations.run_dir import existing_checkpoints
 from parallel.dims import ParallelDims
 from parallel.mesh import local_rank
 
@@ -62,6 +64,40 @@ def open_data(cfg: RunConfig) -> tuple[PackedDataset | MixedDataset, dict[str, P
     return train, val
 
 
+def tokenizer_vocabulary(path: Path) -> dict[str, int] | None:
+    """token -> id of a tokenizer.json (None when there is none)."""
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as err:  # the tokenizers library raises a bare Exception on a bad file
+        raise ConfigError(f"{path}: not a readable tokenizer.json ({err})") from None
+
+
+def check_tokenizers(cfg: RunConfig) -> None:
+    """The data's tokenizer is the one the run was trained with (when it resumes from checkpoints)
+    and the one of the initial model (checkpoint.init_from, when it has a tokenizer.json): the same
+    token ids, or the model would read other tokens than it learnt."""
+    data_dir = Path(source_list(cfg.data)[0][1])
+    data_vocab = tokenizer_vocabulary(data_dir / "tokenizer.json")
+    if data_vocab is None:
+        return
+    others = []
+    if cfg.checkpoint.resume != "none" and existing_checkpoints(Path(cfg.run_dir)):
+        others.append(("checkpoint.resume", "the run's", Path(cfg.run_dir) / "tokenizer.json"))
+    if cfg.checkpoint.init_from:
+        others.append(("checkpoint.init_from", "the initial model's", Path(cfg.checkpoint.init_from) / "tokenizer.json"))
+    for key, whose, path in others:
+        vocab = tokenizer_vocabulary(path)
+        if vocab is not None and vocab != data_vocab:
+            differ = sum(1 for t, i in data_vocab.items() if vocab.get(t) != i) + len(set(vocab) - set(data_vocab))
+            raise ConfigError(f"{key}: the data's tokenizer ({data_dir / 'tokenizer.json'}) differs from {whose} "
+                              f"({path}) in {differ} token ids; prepare the data with that tokenizer "
+                              f"(pretrain.data.prepare --tokenizer {path.parent})")
+
+
 def check_run(cfg: RunConfig, world_size: int) -> CheckedRun:
     cfg = init_model_config(cfg)
     dims = check_layout(cfg, world_size)
@@ -70,4 +106,5 @@ def check_run(cfg: RunConfig, world_size: int) -> CheckedRun:
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"train.device={cfg.train.device!r}: {err}") from None
     train, val = open_data(cfg)
+    check_tokenizers(cfg)
     return CheckedRun(cfg, dims, train, val)
