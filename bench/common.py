@@ -2,12 +2,14 @@
 interleaved repeats with medians, machine description, result files."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +88,16 @@ def record(name: str, title: str, payload: dict, table: str) -> Path:
     path.write_text(md)
     print(md)
     return path
+
+
+def extract_revision(ref: str, paths: list[str], into: str | Path) -> Path:
+    """The files under `paths` as of git commit `ref`, written below `into` (for timing an earlier
+    revision's code side by side with this tree's)."""
+    archive = subprocess.run(["git", "archive", ref, *paths], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return Path(into)
 
 
 def _git_rev() -> str:

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import interleaved_medians, record
+from bench.common import extract_revision, interleaved_medians, record
 from pretrain.checkpoint.inference import resolve_checkpoint
 from pretrain.model_loading import load_model
 from pretrain.data.dataset import PackedDataset
@@ -71,10 +68,7 @@ def hf_generate_each(hf, prompts, new_tokens, exit_layer=None, gamma=None):
 def load_baseline_decoder(ref: str, into: str):
     """pretrain.decoding as of git commit `ref`, importable beside today's: extracted into `into` as
     package `baseline_decoding` (its imports of itself renamed). Returns the package."""
-    root = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(["git", "archive", ref, "pretrain/decoding"], cwd=root, capture_output=True, check=True)
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")
+    extract_revision(ref, ["pretrain/decoding"], into)
     package = Path(into) / "baseline_decoding"
     (Path(into) / "pretrain" / "decoding").rename(package)
     for path in package.glob("*.py"):

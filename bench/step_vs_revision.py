@@ -10,10 +10,7 @@ The earlier revision is read with `git archive` into a temporary directory; its 
 from __future__ import annotations
 
 import argparse
-import io
-import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -65,12 +62,11 @@ def main() -> None:
     for name, default in (("layers", 8), ("dim", 256), ("vocab", 8192), ("seq", 256), ("batch", 8), ("repeats", 15)):
         ap.add_argument(f"--{name}", type=int, default=default)
     args = ap.parse_args()
-    from bench.common import interleaved_medians, random_batch, record
+    from bench.common import extract_revision, interleaved_medians, random_batch, record
 
     batch = random_batch(args.vocab, args.batch, args.seq)
     with tempfile.TemporaryDirectory() as tmp:
-        tar = subprocess.run(["git", "archive", args.rev, *PACKAGES], cwd=ROOT, capture_output=True, check=True).stdout
-        tarfile.open(fileobj=io.BytesIO(tar)).extractall(tmp)
+        extract_revision(args.rev, list(PACKAGES), tmp)
         steps = {f"revision {args.rev}": load_step(Path(tmp), args, batch), "this tree": load_step(ROOT, args, batch)}
         counters = {name: iter(range(10**6)) for name in steps}
         losses = {name: [] for name in steps}
