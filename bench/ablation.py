@@ -38,9 +38,9 @@ import torch
 from bench.ablation_report import write_figures, write_report
 from bench.common import RESULTS, interleaved_medians
 from bench.decoding_speedup import decode_each
-from pretrain.checkpoint.inference import resolve_checkpoint
+from pretrain.checkpoint.loader import resolve_checkpoint
 from pretrain.model_loading import load_model
-from pretrain.checkpoint.store import find_latest_checkpoint
+from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import validation_batches
 from pretrain.decoding import DecodeOptions
@@ -98,8 +98,8 @@ def train_variant(args, data: PackedDataset, variant: str, overrides: list[str])
     run_dir = Path(args.runs_dir) / variant
     steps = int(next(o for o in reversed(overrides) if o.startswith("train.steps=")).split("=")[1])
     if run_dir.exists():
-        latest = find_latest_checkpoint(run_dir)
-        if args.reuse and latest is not None and latest.name.endswith(f"_{steps:08d}"):
+        found = list_checkpoints(run_dir)
+        if args.reuse and found and found[-1][0] == steps:
             print(f"[ablation] {variant}: reusing the finished run {run_dir}", flush=True)
             return 0.0
         if args.overwrite:

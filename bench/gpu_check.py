@@ -38,6 +38,7 @@ import torch
 
 from bench.common import RESULTS, machine
 from pretrain.device import device_name, is_accelerator, select_device
+from pretrain.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -266,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     total_s = run_all(parts, args.budget_s, work, args.dry_run)
     c5 = identical_tokens(work)
     text = summary(parts, device, work, args.dry_run, total_s, args.budget_s, c5)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_atomic(out, text)
     if out.resolve() != work / "gpu_check.md":
         (work / "gpu_check.md").write_text(text)
     print(text)

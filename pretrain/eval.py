@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.inference import resolve_checkpoint
-from pretrain.model_loading import load_model
+from pretrain.model_loading import load_model_at
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.sources import validation_sets
 from pretrain.config import EvalConfig
@@ -44,19 +43,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the per-exit figure (default: <run_dir>/plots/per_exit.png)")
     args = parser.parse_args(argv)
 
+    device = select_device(args.device)
     try:
-        ckpt = resolve_checkpoint(args.checkpoint)
         if args.plot is not None:  # fail before the evaluation, not after it
             import matplotlib  # noqa: F401
+        # the loader resume uses: checks, fallback to an older checkpoint, damaged ones skipped
+        loaded = load_model_at(args.checkpoint, device=device)
+        if loaded.checkpoint is None:
+            raise FileNotFoundError(f"{args.checkpoint} holds no checkpoint of ours (a Hugging Face directory: "
+                                    f"import it first, python -m pretrain.hf_interop import)")
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ImportError:
         print("error: --plot needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
         return 2
+    model, ckpt = loaded.model, loaded.checkpoint
     run_cfg = OmegaConf.load(ckpt / "config.yaml")
-    device = select_device(args.device)
-    model, _ = load_model(ckpt, device=device)
     val = PackedDataset(args.data_dir, "val") if args.data_dir else validation_sets(run_cfg.data)
     cfg = EvalConfig(batches=args.batches, batch_size=args.batch_size, max_draft_len=args.max_draft_len,
                      decode_prompts=args.decode_prompts, decode_new_tokens=args.decode_new_tokens)

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from pretrain.trainer.loop import train
 
-    from pretrain.operations.exit_codes import CheckpointWriteError, OperationsExit
+    from pretrain.operations.exit_codes import CheckpointError, OperationsExit
 
     try:
         cfg, composed = compose_run_config(overrides)
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:  # raised before any work is done, and names the key
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (OperationsExit, CheckpointWriteError) as err:  # requeue (75), non-finite stop, disk full, run dir in use: one line
+    except (OperationsExit, CheckpointError) as err:  # requeue (75), non-finite stop, disk full, run/checkpoint dir in use: one line
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(err.code)
 

@@ -10,9 +10,12 @@ import torch
 import pretrain.checkpoint.writer as writer_mod
 import torch.distributed.checkpoint.filesystem as dcp_fs
 from pretrain.checkpoint.checksums import CHECKSUMS, checksum_problem
-from pretrain.checkpoint.fallback import candidate_checkpoints, checkpoint_problem, choose_checkpoint, load_newest_good
-from pretrain.checkpoint.store import list_checkpoints, load_checkpoint, save_checkpoint
-from pretrain.checkpoint.writer import CheckpointWriteError, CheckpointWriter
+from pretrain.checkpoint.errors import CheckpointWriteError, NoSoundCheckpoint
+from pretrain.checkpoint.integrity import all_finite, checkpoint_problem, trust
+from pretrain.checkpoint.layout import list_checkpoints
+from pretrain.checkpoint.loader import choose_checkpoint, load_newest_good, load_sound
+from pretrain.checkpoint.store import load_checkpoint
+from pretrain.checkpoint.writer import CheckpointWriter, save_checkpoint
 from pretrain.model import LayerSkipTransformer
 
 
@@ -78,21 +81,75 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, tiny_cfg, 
     assert _same(_params(fresh), good)
 
 
-@pytest.mark.parametrize("kind", ["truncated_dcp", "truncated_rng"])
-def test_without_checksums_a_failing_load_falls_back_too(tmp_path, tiny_cfg, kind):
-    """Checkpoints written before checksums existed: the load itself fails and the older one is used."""
+def test_a_checkpoint_without_checksums_is_not_trusted_and_resume_falls_back(tmp_path, tiny_cfg):
+    """checksums.json deleted from the newest checkpoint, whose weights then got a flipped byte
+    (same size): nothing can verify it, so it is skipped with a line saying why, and the loader
+    takes the older, verified one (it used to load the flipped bytes silently)."""
+    model, opt = _model(tiny_cfg, 0)
+    _save(tmp_path, 1, model, opt)
+    good = _params(model)
+    newest = _save(tmp_path, 2, model, opt)
+    (newest / CHECKSUMS).unlink()
+    _damage(newest, "garbage_dcp")
+    lines = []
+    fresh, fresh_opt = _model(tiny_cfg, 1)
+    path, state = load_sound(tmp_path, lambda p: load_checkpoint(p, fresh, fresh_opt), report=lines.append)
+    assert path.name == "step_00000001" and state["step"] == 1 and _same(_params(fresh), good)
+    assert any("step_00000002" in l and "checksums.json is missing" in l and "trust" in l for l in lines)
+    with pytest.raises(NoSoundCheckpoint, match="step_00000002 cannot be loaded: checksums.json is missing"):
+        load_sound(newest, lambda p: load_checkpoint(p, fresh, fresh_opt))
+
+
+def test_vouched_for_checkpoints_load_and_a_failing_load_still_falls_back(tmp_path, tiny_cfg):
+    """`trust` (the explicit override) makes checkpoints without checksums loadable; one whose
+    load then fails is skipped for the older one."""
     model, opt = _model(tiny_cfg, 0)
     _save(tmp_path, 1, model, opt)
     newest = _save(tmp_path, 2, model, opt)
     for ckpt in (tmp_path / "checkpoints").iterdir():
         (ckpt / CHECKSUMS).unlink()
-    _damage(newest, kind)
+    assert choose_checkpoint(tmp_path, lambda line: None)[1] == -1       # neither is trusted
+    _damage(newest, "truncated_dcp")    # vouched for as it is: only the load itself can tell
+    for _, ckpt in list_checkpoints(tmp_path):
+        assert "wrote" in trust(ckpt)
     lines = []
     fresh, fresh_opt = _model(tiny_cfg, 1)
-    path, state = load_newest_good(candidate_checkpoints(tmp_path), 0,
-                                   lambda p: load_checkpoint(p, fresh, fresh_opt), lines.append, world_size=1)
+    candidates, start = choose_checkpoint(tmp_path, lines.append)
+    assert start == 0
+    path, state = load_newest_good(candidates, start, lambda p: load_checkpoint(p, fresh, fresh_opt),
+                                   lines.append, world_size=1)
     assert path.name == "step_00000001" and state["step"] == 1
     assert any("step_00000002" in l for l in lines)
+
+
+def test_non_finite_weights_at_load_are_marked_and_skipped_from_then_on(tmp_path, tiny_cfg):
+    """A checkpoint that passes every check but holds NaN weights: the first load marks it
+    damaged and falls back; the next load skips it without loading it."""
+    model, opt = _model(tiny_cfg, 0)
+    _save(tmp_path, 1, model, opt)
+    good = _params(model)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    bad = _save(tmp_path, 2, model, opt)
+    assert checkpoint_problem(bad) is None
+    loads, lines = [], []
+
+    def load(path):
+        loads.append(path.name)
+        return load_checkpoint(path, fresh, fresh_opt)
+
+    def finite(state):
+        return None if all_finite(fresh.parameters()) else "non-finite weights at load"
+
+    fresh, fresh_opt = _model(tiny_cfg, 1)
+    path, _ = load_sound(tmp_path, load, verify=finite, report=lines.append)
+    assert path.name == "step_00000001" and _same(_params(fresh), good)
+    assert loads == ["step_00000002", "step_00000001"] and "marked damaged" in checkpoint_problem(bad)
+    loads.clear()
+    path, _ = load_sound(tmp_path, load, verify=finite, report=lines.append)
+    assert path.name == "step_00000001" and loads == ["step_00000001"]   # not loaded again
+    with pytest.raises(NoSoundCheckpoint, match="marked damaged .non-finite weights at load"):
+        load_sound(bad, load, verify=finite)
 
 
 def test_checksums_catch_a_flipped_byte(tmp_path, tiny_cfg):

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # lowest first
-    {"schedules", "pretrain.device"},
+    {"schedules", "pretrain.device", "pretrain.files"},  # files: the one atomic file write
     {"pretrain.model"},
     {"parallel"},                                   # never imports the config or the trainer
     {"pretrain.config"},
@@ -65,3 +65,45 @@ def test_no_upward_imports():
               if LAYER_OF.get(dst, 99) >= LAYER_OF.get(src, -1)]
     assert not upward, "\n".join(upward)
 
+
+
+def module_edges() -> dict[str, set[str]]:
+    """module -> the project modules it imports (a package's __init__ counts as the package)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for package in ("pretrain", "parallel", "schedules") for p in (ROOT / package).rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            edges[module] |= {n for n in names if n in modules and n != module}
+    return edges
+
+
+def test_no_import_cycles_between_files():
+    """No two files import each other, directly or around a circle (a package's __init__ may
+    import its own files)."""
+    edges = module_edges()
+    cycles = []
+
+    def visit(module, path, on_path, done):
+        for nxt in sorted(edges[module]):
+            if module.startswith(nxt + ".") and edges.get(nxt) is not None:
+                continue  # a file importing its own package's __init__ is that package's business
+            if nxt in on_path:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in done:
+                on_path.add(nxt)
+                visit(nxt, path + [nxt], on_path, done)
+                on_path.discard(nxt)
+        done.add(module)
+
+    done: set[str] = set()
+    for start in sorted(edges):
+        if start not in done:
+            visit(start, [start], {start}, done)
+    assert not cycles, "\n".join(sorted(set(cycles)))

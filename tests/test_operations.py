@@ -14,7 +14,8 @@ import torch
 from pretrain.config import ConfigError, RunConfig, validate
 from pretrain.metrics.logger import truncate_metrics
 from pretrain.operations.exit_codes import EXIT_HANG, NonFiniteStop, RunDirInUse
-from pretrain.operations.nonfinite import NonFiniteGuard, all_finite, finite_tree
+from pretrain.checkpoint.integrity import all_finite
+from pretrain.operations.nonfinite import NonFiniteGuard, finite_tree
 from pretrain.operations.requeue import write_requeue_file
 from pretrain.operations.run_dir import for_restarted_workers, resume_mode_of_workers
 from pretrain.operations.run_lock import RunLock

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint.store import list_checkpoints
+from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.config import ConfigError, compose_run_config
 from pretrain.operations.exit_codes import EXIT_NONFINITE, EXIT_REQUEUE, NonFiniteStop, RunInterrupted
 from pretrain.operations.run_lock import RunLock

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint.store import list_checkpoints
+from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.operations.exit_codes import EXIT_HANG, EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parents[1]

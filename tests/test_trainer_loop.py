@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import pretrain.checkpoint.store as store
-from pretrain.checkpoint.store import find_latest_checkpoint, list_checkpoints
+from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.config import to_run_config
 from pretrain.trainer.loop import train
 
@@ -60,7 +60,7 @@ def test_training_lowers_loss_and_logs_everything(data_dir, tmp_path):
     assert sorted(map(int, evaluation["exits"])) == [1, 2, 3, 4]
     assert evaluation["exits"]["4"]["agreement"] == 1.0
     assert 1 <= evaluation["best"]["exit_layer"] <= 3
-    assert find_latest_checkpoint(tmp_path / "run").name == "step_00000040"
+    assert list_checkpoints(tmp_path / "run")[-1][1].name == "step_00000040"
 
 
 def test_resume_reproduces_uninterrupted_losses(data_dir, tmp_path):
@@ -76,7 +76,7 @@ def test_resume_reproduces_uninterrupted_losses(data_dir, tmp_path):
 def test_crash_mid_save_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     train(run_config(data_dir, run_dir, "train.steps=4", "train.stop_at_step=2"))
-    assert find_latest_checkpoint(run_dir).name == "step_00000002"
+    assert list_checkpoints(run_dir)[-1][1].name == "step_00000002"
 
     def crash(*args, **kwargs):
         raise RuntimeError("node died mid-save")

@@ -1,3 +1,12 @@
-from pretrain.checkpoint.store import find_latest_checkpoint, load_checkpoint, save_checkpoint
+"""Checkpoints: one Checkpointer (checkpointer.py) owns when and how they are written and read.
 
-__all__ = ["find_latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+    layout.py      names, places, the one listing (list_checkpoints)
+    store.py       what a checkpoint holds; load_checkpoint / load_model_weights
+    checksums.py   checksums.json
+    integrity.py   can this checkpoint be trusted (checkpoint_problem), damage marks, `trust`
+    loader.py      which checkpoint to read, with fallback (load_sound, resolve_checkpoint)
+    writer.py      writing, synchronous or in the background; save_checkpoint
+    lock.py        one trainer per checkpoint directory
+    policy.py      when to save (SavePolicy)
+    checkpointer.py  the Checkpointer the training loop holds
+"""

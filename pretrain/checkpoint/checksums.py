@@ -1,12 +1,16 @@
 """Per-file checksums of a checkpoint directory (checksums.json: {file: {"size", "sha256"}}),
 written last before the directory is renamed into place and checked before loading, so flipped
-bytes, truncated or replaced files are caught and resume falls back to an older checkpoint."""
+bytes, truncated or replaced files are caught and resume falls back to an older checkpoint.
+A checkpoint without checksums.json cannot be verified and is not trusted (integrity.py) until
+a user vouches for it (`python -m pretrain.checkpoint trust PATH` writes the file)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from pretrain.checkpoint.layout import DAMAGED
+from pretrain.files import write_atomic
 
 CHECKSUMS = "checksums.json"
 _CHUNK = 8 << 20
@@ -21,26 +25,23 @@ def file_sha256(path: Path) -> str:
 
 
 def write_checksums(directory: Path) -> None:
-    """Checksum every regular file in `directory` (recursively) except checksums.json itself."""
+    """Checksum every regular file in `directory` (recursively) except checksums.json itself and
+    a damage mark."""
     directory = Path(directory)
     entries = {}
-    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, DAMAGED)):
         entries[f.relative_to(directory).as_posix()] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
-    tmp = directory / (CHECKSUMS + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        json.dump(entries, out, indent=1)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, directory / CHECKSUMS)
+    write_atomic(directory / CHECKSUMS, json.dumps(entries, indent=1))
 
 
 def checksum_problem(directory: Path) -> str | None:
-    """Why the directory does not match its checksums.json (None: it matches, or there is no
-    checksums.json, as in checkpoints written before checksums existed)."""
+    """Why the directory does not match its checksums.json (None: it matches). Without a
+    checksums.json nothing can be verified: that is a problem too."""
     directory = Path(directory)
     listing = directory / CHECKSUMS
     if not listing.is_file():
-        return None
+        return (f"{CHECKSUMS} is missing, so its files cannot be verified (if you know this checkpoint "
+                f"is sound: python -m pretrain.checkpoint trust {directory})")
     try:
         entries = json.loads(listing.read_text())
         if not isinstance(entries, dict):

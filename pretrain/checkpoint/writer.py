@@ -15,25 +15,42 @@ newest complete checkpoint stays in place.
 from __future__ import annotations
 
 import errno
+import json
+import os
 import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from pretrain.checkpoint.store import (_barrier, _collect, checkpoint_dir, finalize_checkpoint, process_rank,
-                                       write_rng_state)
+from pretrain.checkpoint.checksums import write_checksums
+from pretrain.checkpoint.errors import CheckpointWriteError
+from pretrain.checkpoint.layout import TRAINER_STATE, barrier, checkpoint_dir, list_checkpoints, process_rank
+from pretrain.checkpoint.store import as_list, collect_state, write_rng_state
+from pretrain.files import fsync_path, write_atomic
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions, ...); the partial directory was
-    removed. The trainer exits with `code` after this one-line message."""
-
-    code = 74
+def finalize_checkpoint(tmp: Path, final: Path, run_dir: Path, step: int, trainer_state: dict[str, Any],
+                        config_yaml: str, keep: int) -> None:
+    """Rank 0, once every rank's files are in `tmp`: config, trainer state, checksums, then the
+    rename into place, then pruning (so the previous checkpoint is removed only after this one is
+    complete)."""
+    write_atomic(tmp / "config.yaml", config_yaml)
+    write_atomic(tmp / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2))
+    write_checksums(tmp)
+    fsync_path(tmp)
+    if final.exists():  # re-saving the same step: replace only once the new one is complete
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _os_error(err: BaseException) -> OSError | None:
@@ -93,10 +110,10 @@ class CheckpointWriter:
         if process_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         background = self.async_save and not blocking
         try:
-            state, _ = _collect(parts, optimizers)
+            state, _ = collect_state(parts, optimizers)
             write_rng_state(tmp)
             if background:
                 group = self._process_group()
@@ -117,7 +134,7 @@ class CheckpointWriter:
                                             name="layerskip-checkpoint", daemon=True)
             self._thread.start()
         else:
-            _barrier()
+            barrier()
             error = self._finish(*args)
             if dist.is_initialized():  # every rank learns whether rank 0 could finish
                 flag = [error is not None]
@@ -180,3 +197,15 @@ class CheckpointWriter:
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | list[torch.nn.Module], optimizer,
+                    trainer_state: dict[str, Any], config_yaml: str, keep: int) -> Path:
+    """Write checkpoint `step` atomically and synchronously (all ranks call this) and prune to the
+    newest `keep`. `model` / `optimizer`: one module and optimizer, or lists (one per model part,
+    e.g. pipeline stages held by this rank)."""
+    writer = CheckpointWriter(async_save=False)
+    try:
+        return writer.save(run_dir, step, as_list(model), as_list(optimizer), trainer_state, config_yaml, keep)
+    finally:
+        writer.close()

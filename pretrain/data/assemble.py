@@ -11,7 +11,8 @@ import numpy as np
 from pretrain.data.corpus import BadRecords, SourceFile, read_documents
 from pretrain.data.encode import Encoder, document_batches, encode_documents
 from pretrain.data.shards import FORMAT_VERSION, KEY_DIGITS, MEMBER_SUFFIX
-from pretrain.data.streams import PART_INFO, StreamWriter, atomic_write, pack_parts
+from pretrain.data.streams import PART_INFO, StreamWriter, pack_parts
+from pretrain.files import write_atomic
 from pretrain.data.tokenizer_choice import TokenizerChoice
 
 
@@ -29,7 +30,7 @@ def encode_part(directory: Path, files: list[SourceFile], choice: TokenizerChoic
     finally:
         writer.close()
     info = {**settings, **writer.info(), "files": len(files), "bad_records": bad.as_dict()}
-    atomic_write(directory / PART_INFO, (json.dumps(info, indent=2) + "\n").encode())
+    write_atomic(directory / PART_INFO, (json.dumps(info, indent=2) + "\n").encode())
     return info
 
 
@@ -56,7 +57,7 @@ def write_dataset(stage: Path, parts: list[tuple[Path, dict]], tokenizer_files: 
                       f"{splits['val']['encoded_tokens']} tokens < seq_len+1={s['seq_len'] + 1}); "
                       "raise --val-fraction or lower --seq-len", stacklevel=3)
     for name, data in tokenizer_files.items():
-        atomic_write(stage / name, data)
+        write_atomic(stage / name, data)
     from tokenizers import Tokenizer
     eos_token = Tokenizer.from_str(tokenizer_files["tokenizer.json"].decode()).id_to_token(s["eos_id"])
     manifest = {
@@ -71,5 +72,5 @@ def write_dataset(stage: Path, parts: list[tuple[Path, dict]], tokenizer_files: 
         "bad_records": combined_bad_records([info for _, info in parts]),
         "splits": splits,
     }
-    atomic_write(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest

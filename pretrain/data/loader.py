@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pretrain.config import ConfigError
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.mixture import MixtureSampler
 
@@ -92,6 +93,11 @@ def make_batch(dataset: PackedDataset, ids) -> Batch:
     rows = torch.from_numpy(dataset.get_many(ids))
     return {"tokens": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous(),
             "sample_ids": torch.from_numpy(ids.copy())}
+
+
+# the setting behind each field of the data state (a resume must keep them)
+_SETTING_OF = {"seed": "train.seed", "global_batch_size": "train.global_batch_size",
+               "num_samples": "data.dir / data.sources (the training data)", "sources": "data.sources (the mix)"}
 
 
 class TrainBatches:
@@ -175,8 +181,10 @@ class TrainBatches:
         for key, have in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
                           ("num_samples", len(self.dataset)), ("sources", self._sources())):
             if key in state and norm(key, state[key]) != norm(key, have):
-                raise ValueError(f"the data state was saved with {key}={state[key]} but this run has "
-                                 f"{key}={have}: resuming would feed a different sample order")
+                setting = _SETTING_OF[key]
+                raise ConfigError(f"{setting}: the checkpoint was saved with {key}={state[key]} but this run has "
+                                  f"{key}={have}; resuming would feed a different sample order: resume with the "
+                                  f"settings the run was started with, or start a new run in another run_dir")
         if "next_step" not in state:
             raise ValueError(f"not a TrainBatches state (no next_step): {sorted(state)}")
         self.next_step = int(state["next_step"])

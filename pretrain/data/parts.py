@@ -13,7 +13,8 @@ import numpy as np
 from pretrain.data.assemble import encode_part, write_dataset
 from pretrain.data.corpus import SourceFile
 from pretrain.data.outdir import PARTS_DIR, check_output, commit, staging
-from pretrain.data.streams import atomic_write, read_part
+from pretrain.data.streams import read_part
+from pretrain.files import write_atomic
 from pretrain.data.tokenizer_choice import TokenizerChoice
 
 # Settings every part of one dataset must share (checked by the merge).
@@ -46,7 +47,7 @@ def prepare_part(out: Path, files: list[SourceFile], choice: TokenizerChoice, se
     tmp.mkdir()
     try:
         for name, data in choice.files.items():
-            atomic_write(tmp / name, data)
+            write_atomic(tmp / name, data)
         info = encode_part(tmp, files, choice, {**settings, "part": part}, None, workers)
         if final.exists():  # an earlier attempt of this part
             shutil.rmtree(final)

@@ -47,7 +47,8 @@ from pretrain.data.corpus import BadRecords, expand_inputs, stdlib_files, stdlib
 from pretrain.data.outdir import PARTS_DIR, check_output, commit, staging
 from pretrain.data.parts import merge_parts, prepare_part, select_part
 from pretrain.data.shards import token_dtype
-from pretrain.data.streams import atomic_write, split_hash
+from pretrain.data.streams import split_hash
+from pretrain.files import write_atomic
 from pretrain.data.tokenizer import vocab_size_of
 from pretrain.data.tokenizer_choice import bpe_sample, given_tokenizer, trained_tokenizer
 
@@ -129,7 +130,7 @@ def prepare_dataset(out: str | Path = DEFAULT_OUT, *, inputs: Sequence[str] | No
                              "Choose another --out (or pass --overwrite)")
         out.mkdir(parents=True, exist_ok=True)
         for name, data in choice.files.items():
-            atomic_write(out / name, data)
+            write_atomic(out / name, data)
         return {"tokenizer": str(out / "tokenizer.json"), "tokenizer_source": choice.source}
     vocab = vocab_size_of(choice.tokenizer)
     settings = dict(

@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pretrain.files import write_atomic
+
 
 def _pyplot():
     try:
@@ -34,11 +36,7 @@ def exit_rows(result: Mapping) -> list[tuple[int, dict]]:
 
 def _save(fig, path: str | Path) -> Path:
     """Write atomically (a temporary name, then rename) so a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    path = write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     import matplotlib.pyplot as plt
 
     plt.close(fig)

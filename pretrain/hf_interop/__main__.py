@@ -128,7 +128,7 @@ def _tokenizer_ids(tokenizer: str | None) -> tuple[int | None, int | None]:
 
 def export_cli(args: argparse.Namespace) -> int:
     """`export`: load the source (an HF directory for --hf-in; for --checkpoint our run, checkpoint
-    or an HF directory, see pretrain.checkpoint.inference.load_model) and write an HF directory at
+    or an HF directory, see pretrain.model_loading.load_model) and write an HF directory at
     args.out."""
     check_output(args.out, args.hf_in or args.checkpoint, args.overwrite, replaceable=_is_export)
     if args.hf_in:
@@ -136,10 +136,11 @@ def export_cli(args: argparse.Namespace) -> int:
         model, tokenizer = load_hf_checkpoint(source)
         bos, eos, src_dtype = _hf_special_ids(Path(source))
     else:
-        from pretrain.model_loading import load_model
+        from pretrain.model_loading import load_model_at
 
-        source = args.checkpoint
-        model, tokenizer = load_model(source)
+        loaded = load_model_at(args.checkpoint)   # the loader resume uses: checks and fallback
+        model, tokenizer = loaded.model, loaded.tokenizer
+        source = loaded.checkpoint or args.checkpoint
         src_dtype = None
         bos, eos = _tokenizer_ids(tokenizer)
     dtype = DTYPES.get(args.dtype or src_dtype or "float32", torch.float32)
@@ -160,7 +161,7 @@ def write_run(model: LayerSkipTransformer, tokenizer: str | None, source: str, o
     `final`: where the directory will be renamed to (recorded in its config)."""
     from omegaconf import OmegaConf
 
-    from pretrain.checkpoint.store import save_checkpoint
+    from pretrain.checkpoint.writer import save_checkpoint
     from pretrain.config import RunConfig
 
     final = final or out
@@ -193,7 +194,7 @@ def import_cli(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from pretrain.checkpoint.store import checkpoint_dir
+    from pretrain.checkpoint.layout import checkpoint_dir
 
     print(json.dumps({"checkpoint": str(checkpoint_dir(out, 0))}))
     return 0

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from pretrain.hf_interop.convert import (expected_parameter_names, from_hf_name, hf_config_from_model_config,
                                          model_config_from_hf, to_hf_name)
-from pretrain.checkpoint.store import fsync_path, process_rank
+from pretrain.checkpoint.layout import process_rank
+from pretrain.files import fsync_path
 from pretrain.model import LayerSkipTransformer
 from parallel.parallelize import canonical_parameter_name
 

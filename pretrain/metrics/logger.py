@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import LoggingConfig
+from pretrain.files import write_atomic
 from pretrain.metrics.wandb_eval import log_eval_media  # [ablation hook]
 
 
@@ -42,16 +43,6 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename (never a half-written file)."""
-    tmp = Path(path).with_name(Path(path).name + f".{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def truncate_metrics(path: Path, start_step: int) -> int:
     """Keep the records of steps < start_step (and no unparseable line); returns how many were
     dropped. Atomic: a crash leaves the old or the new file."""
@@ -69,7 +60,7 @@ def truncate_metrics(path: Path, start_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        write_text_atomic(path, "".join(l + "\n" for l in kept))
+        write_atomic(path, "".join(l + "\n" for l in kept))
     return dropped
 
 
@@ -109,7 +100,7 @@ class MetricsLogger:
                 id=run_id, resume="allow", settings=wandb.Settings(silent=True))
             self.run_id = self.wandb_run.id
             if not id_file.is_file() or id_file.read_text().strip() != self.run_id:
-                write_text_atomic(id_file, self.run_id + "\n")
+                write_atomic(id_file, self.run_id + "\n")
             where = self.wandb_run.url if mode == "online" else f"{self.wandb_run.dir} (offline; `wandb sync` uploads it)"
             print(f"wandb run {self.run_id}: {where}", flush=True)
         if cfg.progress_bar:

@@ -1,7 +1,7 @@
 """Process exit codes of the trainer, read by launch scripts (launch/slurm.sbatch requeues on 75).
 
     0   done
-    2   bad input (config key, file, run directory in use): nothing was changed on disk
+    2   bad input (config key, file, run or checkpoint directory in use): nothing was changed on disk
     65  stopped by the non-finite guard (no checkpoint with non-finite weights was written)
     74  a checkpoint could not be written (e.g. disk full); the partial directory was removed
     75  EXIT_REQUEUE: a checkpoint was written on a signal or at the time limit; rerun to resume
@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from pretrain.checkpoint.writer import CheckpointWriteError  # noqa: F401 - raised by the checkpoint writer
+from pretrain.checkpoint.errors import CheckpointError, CheckpointWriteError  # noqa: F401 - raised by the Checkpointer
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2

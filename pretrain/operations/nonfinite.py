@@ -12,14 +12,12 @@ ranks take the same decision without another collective. Policies (train.nonfini
     stop      stop at the first non-finite step
 
 Stopping raises NonFiniteStop naming the step; no checkpoint is written on that path, so no
-checkpoint ever holds non-finite weights (saving also checks the weights, see `all_finite`).
+checkpoint ever holds non-finite weights (saving also checks the weights: the Checkpointer).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
-
-import torch
+from typing import Any
 
 from pretrain.operations.exit_codes import NonFiniteStop
 
@@ -73,15 +71,6 @@ class NonFiniteGuard:
             f"from step {self.first_bad_step}, policy {self.policy}); no checkpoint was written with "
             f"these weights; lower optim.lr or raise optim.warmup_steps, then rerun to resume from the "
             f"newest checkpoint")
-
-
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Every element of every tensor is finite (one reduction per tensor; local shards only)."""
-    for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        if local.numel() and not bool(torch.isfinite(local).all()):
-            return False
-    return True
 
 
 def finite_tree(value: Any) -> bool:

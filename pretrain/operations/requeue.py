@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from pretrain.files import write_atomic
+
 REQUEUE_ENV = "LAYERSKIP_REQUEUE_FILE"
 
 
@@ -15,9 +17,4 @@ def write_requeue_file(step: int, reason: str, env: dict[str, str] | None = None
     target = env.get(REQUEUE_ENV, "").strip()
     if not target:
         return None
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"step": step, "reason": reason}) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(target, json.dumps({"step": step, "reason": reason}) + "\n")

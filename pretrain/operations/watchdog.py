@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from pretrain.files import write_atomic
 from pretrain.operations.exit_codes import EXIT_HANG
 from pretrain.operations.time_budget import StepTimes
 
@@ -121,10 +122,8 @@ class Watchdog:
     def _write(self) -> None:
         payload = {"rank": self.rank, "step": self.step, "alive": time.time(), "progress": self.progress,
                    "host": socket.gethostname(), "pid": os.getpid()}
-        tmp = self.file.with_name(self.file.name + f".{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, self.file)
+            write_atomic(self.file, json.dumps(payload), durable=False)  # rewritten every few seconds
         except OSError:
             pass  # a full disk must not kill the run from here
 

@@ -1,8 +1,8 @@
-"""The training loop: check everything, then plan each step, run it, log, evaluate, checkpoint;
-resumable exactly. What keeps a long run safe on a shared cluster (run lock, resume fallback,
-signals and time limit, non-finite guard, hang watchdog, asynchronous checkpoints) is
-pretrain/operations/; the loop calls it at the points marked `ops.` (see
-pretrain/operations/session.py)."""
+"""The training loop: check everything, then for each step plan -> step -> log -> maybe save;
+resumable exactly. Checkpoints (where, when, resume with fallback, rollback, the asynchronous
+writer) are the Checkpointer's (pretrain/checkpoint/checkpointer.py); what keeps a long run safe
+on a shared cluster (run lock, signals and time limit, non-finite guard, hang watchdog) is
+pretrain/operations/, called at the points marked `ops.` (see pretrain/operations/session.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.store import load_checkpoint
-from pretrain.checkpoint.writer import CheckpointWriter
+from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.config import RunConfig
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import TrainBatches
@@ -23,7 +22,8 @@ from pretrain.evaluation.early_exit_eval import format_eval_table
 from pretrain.evaluation.evaluate import evaluate
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
-from pretrain.metrics.logger import MetricsLogger, write_text_atomic
+from pretrain.files import write_atomic
+from pretrain.metrics.logger import MetricsLogger
 from pretrain.operations.nonfinite import finite_tree
 from pretrain.operations.run_dir import for_restarted_workers
 from pretrain.operations.session import RunOperations
@@ -39,13 +39,13 @@ def write_run_files(run: CheckedRun, config_yaml: str, extra_files: dict[str, st
     file replaced atomically."""
     run_dir = Path(run.cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", config_yaml)
+    write_atomic(run_dir / "config.yaml", config_yaml)
     for rel, text in extra_files.items():
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / rel, text)
+        write_atomic(run_dir / rel, text)
     tokenizer = Path(source_list(run.cfg.data)[0][1]) / "tokenizer.json"  # sources share one tokenizer
     if tokenizer.is_file():
-        write_text_atomic(run_dir / "tokenizer.json", tokenizer.read_text(encoding="utf-8"))
+        write_atomic(run_dir / "tokenizer.json", tokenizer.read_text(encoding="utf-8"))
 
 
 def train(cfg: RunConfig, extra_files: dict[str, str] | None = None) -> dict:
@@ -81,7 +81,7 @@ def evaluate_on_main(cfg: RunConfig, trainer: Trainer, val: dict[str, PackedData
                     "best": result.get("best", {}), "decoding": result.get("decoding", {}),
                     "sources": result.get("sources", {})}, kind="eval")
         if finite_tree(result):
-            write_text_atomic(Path(cfg.run_dir) / "eval.json", json.dumps(result, indent=2))
+            write_atomic(Path(cfg.run_dir) / "eval.json", json.dumps(result, indent=2))
         else:
             logger.write(f"warning: evaluation at step {step} gave non-finite values; eval.json not written")
     trainer.barrier()
@@ -99,24 +99,34 @@ def final_eval_done(run_dir: Path, steps: int) -> bool:
 def _train(run: CheckedRun, extra_files: dict[str, str]) -> dict:
     cfg, dims = run.cfg, run.dims
     trainer = Trainer(cfg, dims, build_model(cfg))
-    # ops: the run lock and the run-directory checks, before anything in it is written
-    ops = RunOperations(cfg, Path(cfg.run_dir), dims.rank, dims.world_size, trainer.all_reduce_max,
-                        report=lambda line: print(line, flush=True) if dims.is_main else None)
+    report = lambda line: print(line, flush=True) if dims.is_main else None  # noqa: E731
+    # ops: the run lock, before anything in the run directory is written; then the checkpoint
+    # directory and its lock
+    ops = RunOperations(cfg, Path(cfg.run_dir), dims.rank, dims.world_size, trainer.all_reduce_max, report)
     ops.open()
+    checkpointer = Checkpointer(cfg, dims.rank, dims.world_size, trainer.all_reduce_max, report)
+    failed = True
     try:
-        return _train_locked(run, extra_files, trainer, ops)
+        checkpointer.open()
+        summary = _train_locked(run, extra_files, trainer, ops, checkpointer)
+        failed = False
+        return summary
     finally:
-        ops.close()
+        try:
+            checkpointer.close(failed=failed)   # a save in flight (finite weights) completes
+        finally:
+            ops.close()
 
 
-def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer, ops: RunOperations) -> dict:
+def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer, ops: RunOperations,
+                  checkpointer: Checkpointer) -> dict:
     cfg, dims = run.cfg, run.dims
     run_dir = Path(cfg.run_dir)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     batches = TrainBatches(run.train_data, cfg.train.global_batch_size, cfg.train.seed, dp_rank=dims.dp_rank,
                            dp_size=dims.dp, prefetch=2 if cfg.data.prefetch else 0)
-    load = lambda path: load_checkpoint(path, trainer.model_parts, trainer.optimizer_parts)  # noqa: E731
-    resumed, state = ops.resume(load)  # the newest checkpoint that loads
+    checkpointer.track(trainer.model_parts, trainer.optimizer_parts)
+    resumed, state = checkpointer.resume()  # the newest checkpoint that passes every check
     start_step, run_id = 0, None
     if resumed is not None:
         batches.load_state_dict(state["data"])
@@ -129,28 +139,16 @@ def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer
                            total_steps=cfg.train.steps, start_step=start_step, run_id=run_id)
     if resumed is not None:
         logger.write(f"resumed from {resumed} at step {start_step}")
-    writer = CheckpointWriter(async_save=cfg.checkpoint.async_save)
     trainer.apply_update = ops.guard  # the non-finite guard decides whether the optimizer steps
-    ops.start(writer)
-    try:
-        return _loop(run, trainer, ops, batches, logger, writer, load, start_step, config_yaml)
-    except BaseException:
-        with contextlib.suppress(BaseException):  # let a save in flight (finite weights) complete
-            writer.close()
-        raise
+    ops.start()
+    checkpointer.start(ops, lambda: {"data": batches.state_dict(), "wandb_run_id": logger.run_id})
+    return _loop(run, trainer, ops, checkpointer, batches, logger, start_step)
 
 
-def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, batches: TrainBatches, logger: MetricsLogger,
-          writer: CheckpointWriter, load, start_step: int, config_yaml: str) -> dict:
+def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, checkpointer: Checkpointer,
+          batches: TrainBatches, logger: MetricsLogger, start_step: int) -> dict:
     cfg, dims = run.cfg, run.dims
     run_dir, device = Path(cfg.run_dir), dims.device
-
-    def save(done: int, blocking: bool) -> None:
-        ops.save(lambda b: writer.save(run_dir, done, trainer.model_parts, trainer.optimizer_parts,
-                                       {"data": batches.state_dict(), "wandb_run_id": logger.run_id},
-                                       config_yaml, cfg.checkpoint.keep, blocking=b),
-                 trainer.model_parts, blocking)
-
     losses: dict[int, float] = {}
     eval_result: dict = {}
     interrupted = None
@@ -178,7 +176,7 @@ def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, batches: TrainB
                        console=f"step {step:>6d} skipped (non-finite guard): loss {result.loss}, grad norm "
                                f"{result.grad_norm} ({ops.guard.skipped} skipped so far)")
         if ops.after_step(elapsed) == "rollback":  # raises NonFiniteStop per train.nonfinite_policy
-            ops.rollback(load, step)
+            ops.rolled_back(checkpointer.rollback(), step)   # raises NonFiniteStop when there is none
         if not result.skipped and (done % cfg.logging.every == 0 or done == cfg.train.steps):
             tokens_per_s = result.tokens / elapsed
             # FLOPs actually run: block-rows not dropped, exit heads only where on
@@ -200,15 +198,11 @@ def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, batches: TrainB
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
             with ops.suspended():
                 eval_result = evaluate_on_main(cfg, trainer, run.val_data, logger, step)
-        decision = ops.boundary(done)  # one all-reduce: a signal, the time limit, a periodic save
-        scheduled = bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
-        # no routine checkpoint during a run of non-finite steps: the newest one stays the last good one
-        if ((scheduled or decision.save) and ops.guard.clean) or decision.stop or done == end:
-            save(done, blocking=decision.stop is not None or done == end)
-        if decision.stop is not None:  # (at the last step too: the final evaluation runs on the rerun)
-            interrupted = ops.leave(done, decision.stop)
+        stop = checkpointer.maybe_save(done, clean=ops.guard.clean)  # one all-reduce; policy.py decides
+        if stop is not None:  # (at the last step too: the final evaluation runs on the rerun)
+            interrupted = ops.leave(done, stop)
             break
-    writer.close()
+    checkpointer.wait()   # the final checkpoint is on disk before the final evaluation
     final_eval_pending = start_step < end == cfg.train.steps or \
         (end == cfg.train.steps and ops.agree([float(dims.is_main and not final_eval_done(run_dir, end))])[0] > 0)
     if interrupted is None and final_eval_pending:

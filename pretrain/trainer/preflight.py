@@ -15,8 +15,8 @@ from pretrain.data.mixture import MixedDataset
 from pretrain.data.sources import open_split, source_list, validation_sets
 from pretrain.device import select_device
 from pretrain.hf_interop import HFConfigError
+from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.model_loading import model_config_at
-from pretrain.operations.run_dir import existing_checkpoints
 from parallel.dims import ParallelDims
 from parallel.mesh import local_rank
 
@@ -85,7 +85,7 @@ def check_tokenizers(cfg: RunConfig) -> None:
     if data_vocab is None:
         return
     others = []
-    if cfg.checkpoint.resume != "none" and existing_checkpoints(Path(cfg.run_dir)):
+    if cfg.checkpoint.resume != "none" and list_checkpoints(Path(cfg.run_dir)):
         others.append(("checkpoint.resume", "the run's", Path(cfg.run_dir) / "tokenizer.json"))
     if cfg.checkpoint.init_from:
         others.append(("checkpoint.init_from", "the initial model's", Path(cfg.checkpoint.init_from) / "tokenizer.json"))
