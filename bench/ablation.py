@@ -38,7 +38,7 @@ import torch
 from bench.ablation_report import write_figures, write_report
 from bench.common import RESULTS, interleaved_medians
 from bench.decoding_speedup import decode_each
-from pretrain.checkpoint.loader import resolve_checkpoint
+from pretrain.checkpoint.inference import resolve_checkpoint
 from pretrain.model_loading import load_model
 from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.data.dataset import PackedDataset

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.common import extract_revision, interleaved_medians, record
-from pretrain.checkpoint.loader import resolve_checkpoint
+from pretrain.checkpoint.inference import resolve_checkpoint
 from pretrain.model_loading import load_model
 from pretrain.data.dataset import PackedDataset
 from pretrain.decoding import DecodeOptions, DecodeStats, generate

@@ -11,7 +11,6 @@ checkpoint used)."""
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,10 +18,10 @@ from typing import Callable
 import torch
 
 from pretrain.checkpoint.errors import NoSoundCheckpoint
-from pretrain.checkpoint.inference import model_config_of_checkpoint, tokenizer_of_checkpoint
+from pretrain.checkpoint.inference import model_config_of_checkpoint, resolve_checkpoint, tokenizer_of_checkpoint
 from pretrain.checkpoint.integrity import all_finite
 from pretrain.checkpoint.layout import is_checkpoint
-from pretrain.checkpoint.loader import load_sound, resolve_checkpoint
+from pretrain.checkpoint.loader import load_sound, report_to_stderr
 from pretrain.checkpoint.store import load_model_weights
 from pretrain.hf_interop import load_hf_checkpoint, model_config_from_hf
 from pretrain.model import LayerSkipTransformer, ModelConfig
@@ -58,12 +57,8 @@ def _finite(model: LayerSkipTransformer) -> str | None:
     return None if all_finite(model.parameters()) else "non-finite weights at load"
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def load_model_at(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  report: Callable[[str], None] = _stderr) -> LoadedModel:
+                  report: Callable[[str], None] = report_to_stderr) -> LoadedModel:
     """The model at `path` (see the module docstring); `report` gets the lines saying which
     checkpoint was skipped and why."""
     if is_hf_dir(path):

@@ -11,7 +11,8 @@ import pretrain.checkpoint.writer as writer_mod
 import torch.distributed.checkpoint.filesystem as dcp_fs
 from pretrain.checkpoint.checksums import CHECKSUMS, checksum_problem
 from pretrain.checkpoint.errors import CheckpointWriteError, NoSoundCheckpoint
-from pretrain.checkpoint.integrity import all_finite, checkpoint_problem, trust
+from pretrain.checkpoint.__main__ import main as checkpoint_cli
+from pretrain.checkpoint.integrity import all_finite, checkpoint_problem
 from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.checkpoint.loader import choose_checkpoint, load_newest_good, load_sound
 from pretrain.checkpoint.store import load_checkpoint
@@ -100,9 +101,9 @@ def test_a_checkpoint_without_checksums_is_not_trusted_and_resume_falls_back(tmp
         load_sound(newest, lambda p: load_checkpoint(p, fresh, fresh_opt))
 
 
-def test_vouched_for_checkpoints_load_and_a_failing_load_still_falls_back(tmp_path, tiny_cfg):
-    """`trust` (the explicit override) makes checkpoints without checksums loadable; one whose
-    load then fails is skipped for the older one."""
+def test_vouched_for_checkpoints_load_and_a_failing_load_still_falls_back(tmp_path, tiny_cfg, capsys):
+    """`python -m pretrain.checkpoint trust` (the explicit override) makes checkpoints without
+    checksums loadable; one whose load then fails is skipped for the older one."""
     model, opt = _model(tiny_cfg, 0)
     _save(tmp_path, 1, model, opt)
     newest = _save(tmp_path, 2, model, opt)
@@ -110,8 +111,12 @@ def test_vouched_for_checkpoints_load_and_a_failing_load_still_falls_back(tmp_pa
         (ckpt / CHECKSUMS).unlink()
     assert choose_checkpoint(tmp_path, lambda line: None)[1] == -1       # neither is trusted
     _damage(newest, "truncated_dcp")    # vouched for as it is: only the load itself can tell
+    assert checkpoint_cli(["check", str(tmp_path)]) == 1
     for _, ckpt in list_checkpoints(tmp_path):
-        assert "wrote" in trust(ckpt)
+        assert checkpoint_cli(["trust", str(ckpt)]) == 0
+    assert checkpoint_cli(["check", str(tmp_path)]) == 0     # the truncation was vouched for as it is
+    out = capsys.readouterr().out
+    assert out.count("checksums.json is missing") == 2 and out.count("wrote") == 2 and out.count(": ok") == 2
     lines = []
     fresh, fresh_opt = _model(tiny_cfg, 1)
     candidates, start = choose_checkpoint(tmp_path, lines.append)

@@ -4,7 +4,8 @@
     store.py       what a checkpoint holds; load_checkpoint / load_model_weights
     checksums.py   checksums.json
     integrity.py   can this checkpoint be trusted (checkpoint_problem), damage marks, `trust`
-    loader.py      which checkpoint to read, with fallback (load_sound, resolve_checkpoint)
+    loader.py      which checkpoint to read, with fallback (load_sound)
+    inference.py   which checkpoint a path names (resolve_checkpoint), its model shape and tokenizer
     writer.py      writing, synchronous or in the background; save_checkpoint
     lock.py        one trainer per checkpoint directory
     policy.py      when to save (SavePolicy)

@@ -26,7 +26,7 @@ T = TypeVar("T")
 Agree = Callable[[list[float]], list[float]]
 
 
-def _stderr(line: str) -> None:
+def report_to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -82,7 +82,7 @@ def load_newest_good(candidates: list[Path], start: int, load: Callable[[Path], 
 
 
 def load_sound(source: str | Path, load: Callable[[Path], T], *, verify: Callable[[T], str | None] = lambda v: None,
-               report: Callable[[str], None] = _stderr, agree: Agree = _alone,
+               report: Callable[[str], None] = report_to_stderr, agree: Agree = _alone,
                world_size: int = 1) -> tuple[Path | None, T | None]:
     """(checkpoint, what `load` returned) per the module docstring; (None, None) when the run
     directory holds no checkpoint at all; NoSoundCheckpoint when it holds some but none passes,
@@ -116,25 +116,3 @@ def load_sound(source: str | Path, load: Callable[[Path], T], *, verify: Callabl
         agree([0.0])  # the mark is on disk before any rank looks again
         if one:
             raise NoSoundCheckpoint(f"{source} cannot be loaded: {problem}", problem or "")
-
-
-def resolve_checkpoint(path: str | Path, report: Callable[[str], None] = _stderr) -> Path:
-    """The checkpoint `path` names: itself when it is one checkpoint directory that passes the
-    checks, the newest that passes for a run directory; NoSoundCheckpoint (a FileNotFoundError)
-    otherwise. Checks only, no loading (see load_sound)."""
-    path = Path(path)
-    if not path.exists():
-        raise NoSoundCheckpoint(f"checkpoint path {path} does not exist", "it does not exist")
-    if names_one_checkpoint(path):
-        problem = checkpoint_problem(path)
-        if problem:
-            raise NoSoundCheckpoint(f"{path} cannot be loaded: {problem}", problem)
-        return path
-    candidates, start = choose_checkpoint(path, report)
-    if not candidates:
-        raise NoSoundCheckpoint(f"{path} holds no checkpoint (expected {path}/checkpoints/step_*/)")
-    if start < 0:
-        raise NoSoundCheckpoint(f"no checkpoint in {path} passes the checks (see the warnings above)")
-    if start > 0:
-        report(f"using {candidates[start]}, the newest checkpoint that passes the checks")
-    return candidates[start]
