@@ -80,8 +80,8 @@ def test_resume_with_another_model_shape_or_batch_size_is_a_clear_error(data_dir
     run_dir = tmp_path / "run"
     train(run_config(data_dir, run_dir, "train.steps=4", "train.stop_at_step=2"))
     before = files_under(run_dir / "checkpoints")
-    with pytest.raises(ConfigError, match=r"model\.dim=64 \(the checkpoint has 32\).*another model") as err:
-        train(run_config(data_dir, run_dir, "train.steps=4", "model.dim=64"))
+    with pytest.raises(ConfigError, match=r"model\.dim=128 \(the checkpoint has 64\).*another model") as err:
+        train(run_config(data_dir, run_dir, "train.steps=4", "model.dim=128"))
     assert "overwrite" not in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"train\.global_batch_size: the checkpoint was saved with "
                                           r"global_batch_size=8 but this run has global_batch_size=16"):

@@ -122,7 +122,7 @@ def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer
                   checkpointer: Checkpointer) -> dict:
     cfg, dims = run.cfg, run.dims
     run_dir = Path(cfg.run_dir)
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    config_yaml = checkpointer.config_yaml   # the resolved config, as each checkpoint records it
     batches = TrainBatches(run.train_data, cfg.train.global_batch_size, cfg.train.seed, dp_rank=dims.dp_rank,
                            dp_size=dims.dp, prefetch=2 if cfg.data.prefetch else 0)
     checkpointer.track(trainer.model_parts, trainer.optimizer_parts)
