@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     from pretrain.trainer.loop import train
 
     from pretrain.operations.exit_codes import CheckpointWriteError, OperationsExit
+    from pretrain.metrics.sinks import safe_print
 
     try:
         cfg, composed = compose_run_config(overrides)
@@ -29,10 +30,10 @@ def main(argv: list[str] | None = None) -> None:
                   "hydra/config.yaml": OmegaConf.to_yaml(composed)}
         train(cfg, record)
     except ConfigError as err:  # raised before any work is done, and names the key
-        print(f"config error: {err}", file=sys.stderr)
+        safe_print(f"config error: {err}", sys.stderr)
         sys.exit(2)
     except (OperationsExit, CheckpointWriteError) as err:  # requeue (75), non-finite stop, disk full, run dir in use: one line
-        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        safe_print(f"{type(err).__name__}: {err}", sys.stderr)
         sys.exit(err.code)
 
 
