@@ -175,6 +175,23 @@ def test_a_sink_that_raises_is_reported_once_and_dropped():
               ).write({"step": 0}, {})
 
 
+def test_wandb_that_cannot_start_leaves_the_run_to_the_other_sinks(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    def no_service(**kwargs):
+        raise ConnectionRefusedError("no W&B service")
+
+    monkeypatch.setattr(wandb, "init", no_service)
+    cfg = LoggingConfig(progress_bar=False)
+    cfg.wandb.mode = "offline"
+    logger = MetricsLogger(tmp_path, cfg, enabled=True, run_config={}, total_steps=4, start_step=0)
+    logger.log({"step": 0, "loss": 1.5})
+    logger.close()
+    assert "could not start logging to W&B (ConnectionRefusedError: no W&B service)" in capsys.readouterr().err
+    assert logger.failed_sinks == ["W&B"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.5
+
+
 def test_metrics_rows_tensorboard_and_eta(tmp_path, capsys):
     """Rows carry time, elapsed, ETA; TensorBoard gets the same scalars as metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -121,33 +121,38 @@ class MetricsLogger:
         if not enabled:
             return
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
+        self.sinks.open("metrics.jsonl", lambda: JsonlSink(run_dir / "metrics.jsonl"))
         mode = wandb_mode(cfg.wandb.mode)
-        id_file = run_dir / RUN_ID_FILE
-        if run_id is None and start_step > 0 and id_file.is_file():
-            run_id = id_file.read_text().strip() or None
         if mode != "disabled":
-            import wandb
-
-            self.wandb_run = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
-                tags=list(cfg.wandb.tags), config=run_config, dir=str(run_dir), mode=mode,
-                id=run_id, resume="allow", settings=wandb.Settings(silent=True))
-            self.run_id = self.wandb_run.id
-            if not id_file.is_file() or id_file.read_text().strip() != self.run_id:
-                write_text_atomic(id_file, self.run_id + "\n")
-            where = self.wandb_run.url if mode == "online" else f"{self.wandb_run.dir} (offline; `wandb sync` uploads it)"
-            safe_print(f"wandb run {self.run_id}: {where}")
-            sinks.append(WandbSink(self.wandb_run, run_dir, log_eval_media))
+            self.sinks.open("W&B", lambda: self._open_wandb(cfg, mode, run_config, run_id, start_step))
         if cfg.tensorboard:
-            sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+            self.sinks.open("TensorBoard", lambda: TensorBoardSink(run_dir / "tensorboard"))
         bar = None
         if cfg.progress_bar:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         self.console = ConsoleSink(bar)
-        self.sinks = Sinks(sinks + [self.console])
+        self.sinks.open("console", lambda: self.console)
+
+    def _open_wandb(self, cfg: LoggingConfig, mode: str, run_config: dict, run_id: str | None,
+                    start_step: int) -> WandbSink:
+        """Start (or continue: the id kept in <run_dir>/wandb_run_id) the W&B run."""
+        import wandb
+
+        id_file = self.run_dir / RUN_ID_FILE
+        if run_id is None and start_step > 0 and id_file.is_file():
+            run_id = id_file.read_text().strip() or None
+        self.wandb_run = wandb.init(
+            project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
+            tags=list(cfg.wandb.tags), config=run_config, dir=str(self.run_dir), mode=mode,
+            id=run_id, resume="allow", settings=wandb.Settings(silent=True))
+        self.run_id = self.wandb_run.id
+        if not id_file.is_file() or id_file.read_text().strip() != self.run_id:
+            write_text_atomic(id_file, self.run_id + "\n")
+        where = self.wandb_run.url if mode == "online" else f"{self.wandb_run.dir} (offline; `wandb sync` uploads it)"
+        safe_print(f"wandb run {self.run_id}: {where}")
+        return WandbSink(self.wandb_run, self.run_dir, log_eval_media)
 
     def log(self, record: dict[str, Any], *, kind: str = "train", console: str | None = None) -> None:
         if not self.enabled:

@@ -160,6 +160,15 @@ class Sinks:
         self.failed: list[str] = []
         self.report = report or (lambda line: safe_print(line, sys.stderr))
 
+    def open(self, name: str, factory: Callable[[], Sink]) -> None:
+        """Add the sink `factory()` builds; one that cannot start is reported and left out."""
+        try:
+            self.sinks.append(factory())
+        except Exception as err:  # noqa: BLE001 - e.g. W&B online without network: the run goes on
+            self.failed.append(name)
+            self.report(f"warning: could not start logging to {name} ({type(err).__name__}: {err}); the run "
+                        f"goes on without it")
+
     def guarded(self, sink: Sink, action: Callable[[], Any]) -> None:
         if sink not in self.sinks:
             return
