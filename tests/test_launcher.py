@@ -62,3 +62,16 @@ def test_sighup_to_the_launcher_reaches_the_workers_and_75_comes_back(tmp_path):
     assert proc.returncode == 75, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "all 1 workers of this node left with exit code 75" in err
+
+
+def test_exit_code_after_a_signal_is_the_workers_only_when_all_agree(tmp_path):
+    from pretrain.operations.launcher import exit_code_after_signal, recorded_codes
+
+    for name, code in (("0-0", "75"), ("0-1", "75"), ("1-0", "0"), ("1-1", "0"), ("junk", "x")):
+        (tmp_path / name).write_text(code)
+    assert sorted(recorded_codes(tmp_path)) == [0, 0]  # the newest round (restart 1) only
+    term = int(signal.SIGTERM)
+    assert exit_code_after_signal(term, [75, 75], 2)[0] == 75
+    assert exit_code_after_signal(term, [75], None)[0] == 75
+    for codes, nproc in (([75], 2), ([75, 76], 2), ([], None)):  # one was killed, or they disagree
+        assert exit_code_after_signal(term, codes, nproc)[0] == 128 + term

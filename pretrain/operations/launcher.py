@@ -57,10 +57,12 @@ def describe(code: int) -> str:
     return f"{code} ({MEANING[code]})" if code in MEANING else str(code)
 
 
-def exit_code_after_signal(signum: int, codes: list[int], nproc: int) -> tuple[int, str]:
-    """(exit code, line) when torchrun was signalled and its `nproc` workers recorded `codes`."""
+def exit_code_after_signal(signum: int, codes: list[int], nproc: int | None) -> tuple[int, str]:
+    """(exit code, line) when torchrun was signalled and its `nproc` workers (None: not known)
+    recorded `codes`."""
     name = signal.Signals(signum).name
-    if len(codes) == nproc and len(set(codes)) == 1:
+    nproc = nproc or len(codes)
+    if codes and len(codes) == nproc and len(set(codes)) == 1:
         return codes[0], f"torchrun: {name}: all {nproc} workers of this node left with exit code {describe(codes[0])}"
     return 128 + signum, (f"torchrun: {name}: {len(codes)} of {nproc} workers of this node left by themselves "
                           f"(exit codes {sorted(set(codes)) or 'none'}); the others were stopped")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(err.format_msg(), file=sys.stderr, flush=True)
         return code
     except SignalException as err:
-        nproc = int(str(args.nproc_per_node)) if str(args.nproc_per_node).isdigit() else 0
+        nproc = int(str(args.nproc_per_node)) if str(args.nproc_per_node).isdigit() else None
         code, line = exit_code_after_signal(int(err.sigval), recorded_codes(exit_dir), nproc)
         print(line, file=sys.stderr, flush=True)
         return code
