@@ -10,8 +10,9 @@ trainer said 75 (checkpointed, requeue) or 76 (hang). Here:
   - torchrun signalled (SIGTERM at preemption, SIGHUP when the terminal closes, SIGINT, SIGUSR1):
     torchrun forwards the signal and waits for its workers; each worker leaves its exit code in
     $LAYERSKIP_EXIT_DIR (`record_exit_code`, called by pretrain.train), and when every worker of
-    this node left the same one, that is the exit code (one line, no traceback); otherwise
-    128 + the signal number, as a shell reports a signalled process.
+    this node left the same one, that is the exit code (one line, no traceback); otherwise 1, as
+    torchrun: the root cause is elsewhere (srun returns the highest code of its tasks, so a node
+    whose workers were stopped must not hide the 76 or 75 another node's workers exited with).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def exit_code_after_signal(signum: int, codes: list[int], nproc: int | None) -> 
     nproc = nproc or len(codes)
     if codes and len(codes) == nproc and len(set(codes)) == 1:
         return codes[0], f"torchrun: {name}: all {nproc} workers of this node left with exit code {describe(codes[0])}"
-    return 128 + signum, (f"torchrun: {name}: {len(codes)} of {nproc} workers of this node left by themselves "
+    return 1, (f"torchrun: {name}: {len(codes)} of {nproc} workers of this node left by themselves "
                           f"(exit codes {sorted(set(codes)) or 'none'}); the others were stopped")
 
 
