@@ -142,6 +142,7 @@ class WandbConfig:
 class LoggingConfig:
     every: int = 10
     progress_bar: bool = True
+    tensorboard: bool = False  # also write scalars to <run_dir>/tensorboard (needs the tensorboard package)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -257,6 +258,11 @@ def validate(cfg: RunConfig) -> None:
     _require(op.grad_clip >= 0, "optim.grad_clip", op.grad_clip, "must be >= 0 (0 disables)")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
+    if cfg.logging.tensorboard:
+        import importlib.util
+
+        _require(importlib.util.find_spec("tensorboard") is not None, "logging.tensorboard", True,
+                 "needs the tensorboard package: pip install -e '.[tensorboard]'")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     _require(ev.every >= 0, "eval.every", ev.every, "must be >= 0")

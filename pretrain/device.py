@@ -48,5 +48,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: allocated device memory on an accelerator, the peak
+    resident set size (RSS) of the process on the CPU."""
+    if is_accelerator(device):
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
 def fused_adamw_supported(device: torch.device) -> bool:
     return device.type in ("cpu", _ACCELERATOR)

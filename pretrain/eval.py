@@ -23,7 +23,60 @@ from pretrain.data.sources import validation_sets
 from pretrain.config import EvalConfig
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import format_eval_table
+from pretrain.evaluation.eval_file import destination
 from pretrain.evaluation.evaluate import evaluate
+from pretrain.data.sources import source_list
+from pretrain.files import write_atomic
+from pretrain.checkpoint.integrity import all_finite
+from pretrain.operations.nonfinite import finite_tree
+from pretrain.trainer.preflight import tokenizer_vocabulary
+
+
+def at_least(least: int):
+    """argparse type: an int >= least (a one-line usage error otherwise)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
+        return value
+    parse.__name__ = f"int >= {least}"
+    return parse
+
+
+def check_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """A checkpoint with NaN/inf weights has nothing to evaluate (its figures would be NaN)."""
+    bad = [name for name, p in model.named_parameters() if not all_finite([p.detach()])]
+    if bad:
+        raise ValueError(f"checkpoint {ckpt} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                         f"not evaluated, eval.json unchanged; evaluate an earlier checkpoint (checkpoints/step_N)")
+
+
+def check_data(val, model: torch.nn.Module, tokenizer: str | None, data_dir: str | None) -> None:
+    """The data is tokenized as the model was trained: the same token ids as the checkpoint's
+    tokenizer (for --data-dir) and no token id beyond the model's vocabulary."""
+    sets = val if isinstance(val, dict) else {"": val}
+    for ds in sets.values():
+        if ds.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"{ds.data_dir}: its tokenizer has {ds.vocab_size} tokens but the model has "
+                             f"{model.cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
+    if data_dir and tokenizer:
+        theirs = tokenizer_vocabulary(Path(data_dir) / "tokenizer.json")
+        ours = tokenizer_vocabulary(Path(tokenizer))
+        if theirs is not None and ours is not None and theirs != ours:
+            differ = sum(1 for t, i in theirs.items() if ours.get(t) != i) + len(set(ours) - set(theirs))
+            raise ValueError(f"--data-dir {data_dir}: its tokenizer differs from the checkpoint's ({tokenizer}) in "
+                             f"{differ} token ids; prepare the data with that tokenizer "
+                             f"(pretrain.data.prepare --tokenizer {Path(tokenizer).parent})")
+
+
+def checkpoint_step_of(ckpt: Path) -> int | None:
+    """N of a checkpoints/step_N directory."""
+    digits = ckpt.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
+
+
+def run_data_dirs(run_cfg) -> set[Path]:
+    return {Path(d).resolve() for _, d, _ in source_list(run_cfg.data)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,20 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_N")
     parser.add_argument("--data-dir", help="prepared data (default: the run's data.dir, or each of its "
                                            "data.sources, reported per source and overall)")
-    parser.add_argument("--batches", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-draft-len", type=int, default=8)
-    parser.add_argument("--decode-prompts", type=int, default=4,
+    parser.add_argument("--batches", type=at_least(1), default=16)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--max-draft-len", type=at_least(1), default=8)
+    parser.add_argument("--decode-prompts", type=at_least(0), default=4,
                         help="held-out prompts decoded at the best (E, γ); 0 skips")
-    parser.add_argument("--decode-new-tokens", type=int, default=32)
+    parser.add_argument("--decode-new-tokens", type=at_least(1), default=32)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="JSON output (default: <run_dir>/eval.json)")
+    parser.add_argument("--out", help="JSON output (default: <run_dir>/eval.json, kept when the new evaluation "
+                                      "is worse-founded: then written beside it)")
     parser.add_argument("--plot", nargs="?", const="", metavar="PNG",
                         help="write the per-exit figure (default: <run_dir>/plots/per_exit.png)")
     args = parser.parse_args(argv)
 
     device = select_device(args.device)
     try:
+        if Path(args.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint} is a file; give a run directory or "
+                                    f"its checkpoints/step_N directory")
+        if args.out and not Path(args.out).resolve().parent.is_dir():
+            raise FileNotFoundError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
         if args.plot is not None:  # fail before the evaluation, not after it
             import matplotlib  # noqa: F401
         # the loader resume uses: checks, fallback to an older checkpoint, damaged ones skipped
@@ -60,15 +119,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, ckpt = loaded.model, loaded.checkpoint
     run_cfg = OmegaConf.load(ckpt / "config.yaml")
-    val = PackedDataset(args.data_dir, "val") if args.data_dir else validation_sets(run_cfg.data)
+    tokenizer = loaded.tokenizer
     cfg = EvalConfig(batches=args.batches, batch_size=args.batch_size, max_draft_len=args.max_draft_len,
                      decode_prompts=args.decode_prompts, decode_new_tokens=args.decode_new_tokens)
-    with torch.no_grad():
-        result = evaluate(model, val, device, cfg)
+    try:
+        check_weights(model, ckpt)
+        val = PackedDataset(args.data_dir, "val") if args.data_dir else validation_sets(run_cfg.data)
+        check_data(val, model, tokenizer, args.data_dir)
+        with torch.no_grad():
+            result = evaluate(model, val, device, cfg)
+    except (ValueError, FileNotFoundError) as err:  # DataError, ConfigError: one line, nothing written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     result["checkpoint"] = str(ckpt)
-    out = Path(args.out) if args.out else ckpt.parent.parent / "eval.json"
-    out.write_text(json.dumps(result, indent=2))
+    result["checkpoint_step"] = checkpoint_step_of(ckpt)
+    if args.data_dir and Path(args.data_dir).resolve() not in run_data_dirs(run_cfg):
+        result["data"] = [str(Path(args.data_dir).resolve())]
     print(format_eval_table(result))
+    if args.out:
+        out, note = Path(args.out), None
+    else:
+        out, note = destination(ckpt.parent.parent / "eval.json", result, finite_tree)
+    write_atomic(out, json.dumps(result, indent=2))
+    if note:
+        print(note)
     print(f"wrote {out}")
     if args.plot is not None:
         from pretrain.evaluation.plots import per_exit_figure

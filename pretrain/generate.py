@@ -106,16 +106,28 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def best_from_eval(checkpoint: str) -> dict:
-    """The best (exit_layer, draft_len) the run's evaluation found, if any."""
+def best_from_eval(checkpoint: str, n_layers: int) -> dict:
+    """The best (exit_layer, draft_len) the run's evaluation found, if that evaluation is sound:
+    finite throughout, and an exit 1..n_layers-1 with a draft length >= 1. A bad eval.json is named
+    on stderr and not used."""
+    from pretrain.operations.nonfinite import finite_tree
+
     path = Path(checkpoint)
     for candidate in (path / "eval.json", path.parent.parent / "eval.json"):
         if candidate.is_file():
             try:
-                best = json.loads(candidate.read_text()).get("best", {})
+                result = json.loads(candidate.read_text())
+                best = result.get("best", {})
             except (ValueError, AttributeError):
+                best, result = None, None
+            sound = isinstance(best, dict) and finite_tree(result) and \
+                isinstance(best.get("exit_layer"), int) and 1 <= best["exit_layer"] < n_layers and \
+                isinstance(best.get("draft_len"), int) and best["draft_len"] >= 1
+            if not sound and best != {}:
+                print(f"warning: {candidate} is not a sound evaluation (non-finite values or no valid best "
+                      f"exit/draft length); not using its (E, γ)", file=sys.stderr)
                 return {}
-            return best if isinstance(best, dict) else {}
+            return best
     return {}
 
 
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        best = best_from_eval(args.checkpoint)
+        best = best_from_eval(args.checkpoint, model.cfg.n_layers)
         opts = DecodeOptions(
             strategy=args.strategy, max_new_tokens=args.max_new_tokens,
             exit_layer=args.exit_layer if args.exit_layer is not None else best.get("exit_layer"),

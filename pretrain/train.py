@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     from pretrain.trainer.loop import train
 
     from pretrain.operations.exit_codes import CheckpointError, OperationsExit
+    from pretrain.metrics.sinks import safe_print
+    from pretrain.operations.launcher import record_exit_code  # for launch/torchrun.sh's exit code
 
     try:
         cfg, composed = compose_run_config(overrides)
@@ -28,11 +30,14 @@ def main(argv: list[str] | None = None) -> None:
         record = {"hydra/overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(overrides))),
                   "hydra/config.yaml": OmegaConf.to_yaml(composed)}
         train(cfg, record)
+        record_exit_code(0)
     except ConfigError as err:  # raised before any work is done, and names the key
-        print(f"config error: {err}", file=sys.stderr)
+        safe_print(f"config error: {err}", sys.stderr)
+        record_exit_code(2)
         sys.exit(2)
     except (OperationsExit, CheckpointError) as err:  # requeue (75), non-finite stop, disk full, run/checkpoint dir in use: one line
-        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        safe_print(f"{type(err).__name__}: {err}", sys.stderr)
+        record_exit_code(err.code)
         sys.exit(err.code)
 
 

@@ -30,6 +30,7 @@ def evaluate(model: torch.nn.Module, val: PackedDataset | dict[str, PackedDatase
                                            device)
         weights[name] = min(len(ds), cfg.batch_size * cfg.batches) * ds.seq_len  # target tokens seen
     result = exit_summary(combine_exit_statistics(per_source, weights), model.cfg.n_layers, cfg.max_draft_len)
+    result["tokens"] = sum(weights.values())  # what the figures rest on (pretrain/evaluation/eval_file.py)
     if len(sets) > 1 or empty:
         result["sources"] = per_source
     if empty:

@@ -1,5 +1,6 @@
 """Signals that ask the run to leave cleanly: SIGTERM (Slurm preemption / scancel), SIGUSR1 (the
-early warning `sbatch --signal=B:USR1@<s>` sends) and SIGINT (Ctrl-C).
+early warning `sbatch --signal=B:USR1@<s>` sends), SIGINT (Ctrl-C) and SIGHUP (the terminal or SSH
+session closed; the console is then gone, and the metrics sinks silence it, pretrain/metrics/sinks.py).
 
 The handler only records the signal (async-signal-safe: an attribute store); the training loop
 reads `pending()` at the next step boundary, all ranks agree on it through one all-reduce, and the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 
-HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class SignalFlag:

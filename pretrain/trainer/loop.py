@@ -17,13 +17,14 @@ from pretrain.config import RunConfig
 from pretrain.data.dataset import PackedDataset
 from pretrain.data.loader import TrainBatches
 from pretrain.data.sources import source_list
-from pretrain.device import synchronize
+from pretrain.device import peak_memory_bytes, synchronize
 from pretrain.evaluation.early_exit_eval import format_eval_table
 from pretrain.evaluation.evaluate import evaluate
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
 from pretrain.files import write_atomic
 from pretrain.metrics.logger import MetricsLogger
+from pretrain.metrics.sinks import safe_print
 from pretrain.operations.nonfinite import finite_tree
 from pretrain.operations.run_dir import for_restarted_workers
 from pretrain.operations.session import RunOperations
@@ -99,7 +100,7 @@ def final_eval_done(run_dir: Path, steps: int) -> bool:
 def _train(run: CheckedRun, extra_files: dict[str, str]) -> dict:
     cfg, dims = run.cfg, run.dims
     trainer = Trainer(cfg, dims, build_model(cfg))
-    report = lambda line: print(line, flush=True) if dims.is_main else None  # noqa: E731
+    report = lambda line: safe_print(line) if dims.is_main else None  # noqa: E731
     # ops: the run lock, before anything in the run directory is written; then the checkpoint
     # directory and its lock
     ops = RunOperations(cfg, Path(cfg.run_dir), dims.rank, dims.world_size, trainer.all_reduce_max, report)
@@ -190,7 +191,8 @@ def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, checkpointer: C
                         **({"mfu": util} if util is not None else {}),
                         "blocks_run_fraction": result.rows_run / max(result.rows_total, 1),
                         "layer_dropout_rate": list(plan.drop_rates),
-                        "tokens_seen": batches.tokens_seen(done)},
+                        "tokens_seen": batches.tokens_seen(done),
+                        "peak_memory_mib": peak_memory_bytes(device) / 2**20},
                        console=f"step {step:>6d} loss {result.loss:.4f} "
                                f"(exit {cfg.model.n_layers}: {result.exit_losses[cfg.model.n_layers]:.4f}) "
                                f"lr {lr:.2e} gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}"

@@ -42,6 +42,10 @@ class Cluster:
     scratch: Path = Path("/var/tmp/layerskip-slurm")
     nodes: int = 2
     grace_s: int = 30  # GraceTime of the preemptable partition
+    # SlurmctldParameters=preempt_send_user_signal: the job's --signal also reaches a preempted job.
+    # Slurm's default is without it (preemption then sends SIGTERM to every process of the step);
+    # `set_user_signal_on_preemption` switches it on a running cluster.
+    user_signal_on_preemption: bool = True
 
     @property
     def node_names(self) -> list[str]:
@@ -147,7 +151,7 @@ def slurm_conf(c: Cluster, hw: dict[str, int]) -> str:
         "PreemptType=preempt/partition_prio",
         "PreemptMode=REQUEUE",
         # the job's --signal also reaches a preempted job, not only one at its time limit
-        "SlurmctldParameters=preempt_send_user_signal",
+        *(["SlurmctldParameters=preempt_send_user_signal"] if c.user_signal_on_preemption else []),
         *node_lines,
         f"PartitionName=low Nodes={nodes} Default=YES PriorityTier=1 PreemptMode=REQUEUE "
         f"GraceTime={c.grace_s} MaxTime=INFINITE State=UP",
@@ -213,6 +217,17 @@ def start(c: Cluster) -> None:
     for name in c.node_names:
         run(["unshare", "--uts", "sh", "-c", f"hostname {name} && exec slurmd -N {name}"])
     wait_for(lambda: all_idle(c), 60, f"nodes {c.node_names} to be idle (see {c.log_dir})")
+
+
+def set_user_signal_on_preemption(c: Cluster, on: bool) -> Cluster:
+    """Rewrite slurm.conf of the running cluster with or without preempt_send_user_signal and make
+    slurmctld read it again; returns the cluster as now configured."""
+    c = Cluster(scratch=c.scratch, nodes=c.nodes, grace_s=c.grace_s, user_signal_on_preemption=on)
+    SLURM_CONF.write_text(slurm_conf(c, node_hardware()))
+    run(["scontrol", "reconfigure"])
+    wait_for(lambda: ("preempt_send_user_signal" in run(["scontrol", "show", "config"]).stdout) == on, 30,
+             f"slurmctld to {'set' if on else 'drop'} preempt_send_user_signal")
+    return c
 
 
 def stop_daemon(pid_file: Path) -> None:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from cluster import set_user_signal_on_preemption
 from jobs import (RUN_ENABLED, SKIP_REASON, STEPS, job_field, log, logged_steps, overrides, rank_of,
                   state, submit, train_losses, wait_done, wait_for, worker_pids)
 
@@ -34,11 +35,11 @@ def test_two_nodes_train_like_one_process(slurm_cluster, data_dir, reference_los
     assert (run_dir / "eval.json").is_file()
 
 
-def start_long_run(tmp_path, data_dir, *extra: str, steps: int = 100000) -> tuple[int, object]:
+def start_long_run(tmp_path, data_dir, *extra: str, steps: int = 100000, **env: str) -> tuple[int, object]:
     """A two-node job that trains until stopped; returns when it has logged a few steps."""
     run_dir = tmp_path / "run"
     job = submit(tmp_path, TWO_NODES, overrides(data_dir, run_dir, "parallel.dp_shard=2",
-                                                f"train.steps={steps}", *extra))
+                                                f"train.steps={steps}", *extra), **env)
     wait_for(lambda: logged_steps(run_dir) >= 5, 300, "training to start", job, tmp_path)
     return job, run_dir
 
@@ -56,11 +57,9 @@ def test_kill_9_of_one_rank_fails_the_job_within_seconds(slurm_cluster, data_dir
     assert not worker_pids(str(run_dir))
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, data_dir, reference_losses,
-                                                               tmp_path):
-    # checkpoint.every_minutes=0: the only checkpoint before the end is the one the signal asks for
-    job, run_dir = start_long_run(tmp_path, data_dir, "checkpoint.every_minutes=0", steps=STEPS)
-    # a job in the high-priority partition that needs both nodes preempts it (GraceTime, REQUEUE)
+def preempt_and_finish(tmp_path, job: int) -> str:
+    """A job in the high-priority partition that needs both nodes preempts `job` (GraceTime,
+    REQUEUE); once it requeued itself, let it run again at once and wait for the end; its log."""
     high = subprocess.run(["sbatch", "--parsable", "--partition=high", "--nodes=2", "--exclusive",
                            f"--output={tmp_path}/high-%j.out", "--wrap", "sleep 2"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -69,7 +68,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, d
     wait_for(lambda: state(int(high)) == "COMPLETED", 120, "the preempting job to run")
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
     assert wait_done(job, tmp_path, 600) == "COMPLETED", log(tmp_path, job)[-5000:]
-    text = log(tmp_path, job)
+    return log(tmp_path, job)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, data_dir, reference_losses,
+                                                               tmp_path):
+    # checkpoint.every_minutes=0: the only checkpoint before the end is the one the signal asks for
+    job, run_dir = start_long_run(tmp_path, data_dir, "checkpoint.every_minutes=0", steps=STEPS)
+    text = preempt_and_finish(tmp_path, job)
     asked = re.search(r'=== requeued: the trainer asked: \{"step": (\d+), "reason": "signal (SIG\w+)"\}', text)
     assert asked, text[-5000:]
     step = int(asked.group(1))
@@ -78,6 +84,31 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, d
     assert f"resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}" in text
     assert close(train_losses(run_dir), reference_losses)
     assert train_losses(run_dir)[STEPS - 1] == pytest.approx(reference_losses[STEPS - 1], rel=1e-5)
+
+
+@pytest.fixture
+def default_preemption(slurm_cluster):
+    """The cluster as Slurm ships: no preempt_send_user_signal (preemption sends SIGTERM to every
+    process of the step, W&B's service included, and no warning to the batch shell)."""
+    set_user_signal_on_preemption(slurm_cluster, False)
+    yield
+    set_user_signal_on_preemption(slurm_cluster, True)
+
+
+def test_preemption_on_a_default_cluster_with_wandb_offline(default_preemption, data_dir, reference_losses,
+                                                            tmp_path):
+    """Issue 17.1: W&B's service dies of the step-wide SIGTERM; the trainer must still checkpoint,
+    the job requeue and finish with the losses of an uninterrupted run; a few clear lines, no
+    traceback."""
+    job, run_dir = start_long_run(tmp_path, data_dir, "checkpoint.every_minutes=0", "logging.wandb.mode=offline",
+                                  steps=STEPS, WANDB_MODE="offline")
+    text = preempt_and_finish(tmp_path, job)
+    asked = re.search(r'=== requeued: the trainer asked: \{"step": (\d+), "reason": "signal SIGTERM"\}', text)
+    assert asked, text[-5000:]
+    assert f"resumed from {run_dir}/checkpoints/step_{int(asked.group(1)):08d}" in text
+    assert close(train_losses(run_dir), reference_losses)
+    assert "Traceback" not in text, text[-5000:]
+    assert (run_dir / "wandb").is_dir()
 
 
 def test_stopped_rank_ends_the_job_through_the_watchdog(slurm_cluster, data_dir, tmp_path):
@@ -104,3 +135,4 @@ def test_stopped_rank_ends_the_job_through_the_watchdog(slurm_cluster, data_dir,
     assert "most recent call first" in text  # the live rank's Python stacks
     assert "exitcode  : 76" in text  # torchrun's summary of the rank that left through the watchdog
     assert job_field(job, "Restarts") == "0"
+    assert job_field(job, "ExitCode") == "76:0"  # the trainer's code reaches Slurm (torchrun's was 1)
