@@ -24,6 +24,7 @@ from pretrain.evaluation.evaluate import evaluate
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
 from pretrain.metrics.logger import MetricsLogger, write_text_atomic
+from pretrain.operations.compile_events import compile_events
 from pretrain.operations.nonfinite import finite_tree
 from pretrain.operations.run_dir import for_restarted_workers
 from pretrain.operations.session import RunOperations
@@ -192,7 +193,8 @@ def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, batches: TrainB
                         **({"mfu": util} if util is not None else {}),
                         "blocks_run_fraction": result.rows_run / max(result.rows_total, 1),
                         "layer_dropout_rate": list(plan.drop_rates),
-                        "tokens_seen": batches.tokens_seen(done)},
+                        "tokens_seen": batches.tokens_seen(done),
+                        **(compile_events().metrics() if cfg.train.compile else {})},  # a recompile storm shows
                        console=f"step {step:>6d} loss {result.loss:.4f} "
                                f"(exit {cfg.model.n_layers}: {result.exit_losses[cfg.model.n_layers]:.4f}) "
                                f"lr {lr:.2e} gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}"
