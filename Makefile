@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test test-slurm slurm-up slurm-down bench bench-decoding bench-data ablation gpu-check clean
+.PHONY: setup demo-data demo test test-compile test-slurm slurm-up slurm-down bench bench-decoding bench-data ablation gpu-check clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,10 @@ demo: demo-data
 
 test: setup
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests
+
+# torch.compile at every parallel layout with inductor (README: Compile); ~15-20 min on 2 cores.
+test-compile: setup
+	LAYERSKIP_COMPILE_TESTS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests/test_compile_layouts.py
 
 # Tests through a real Slurm (root, Debian): installs slurmctld/slurmd/slurm-client/munge if missing,
 # starts a two-node cluster on this machine, runs launch/slurm.sbatch jobs, tears the cluster down.

@@ -6,6 +6,8 @@
   b   bench.mfu on llama_1b in bf16 with torch.compile: MFU, tokens/s, LayerSkip vs plain;
   c1  the standard-library corpus; c2 a 12-layer decoding model trained on it for a few minutes;
   c3  bench.decoding_speedup on that model, eager; c4 the same with --compile reduce-overhead;
+  m   the compiled multi-process layouts (TP2, FSDP2, TP2 x FSDP2 with checkpointing) on this one device:
+      the real Trainer as rank 0 of a fake process group, compiled vs eager (bench/compiled_layout.py);
   c5  identical greedy tokens: each decoding run checks self-speculative against autoregressive
       decoding and transformers' assistant_early_exit against both, so eager, reduce-overhead and
       transformers agree when c3 and c4 report identical tokens at a configuration both compared.
@@ -111,7 +113,29 @@ def plan(device: torch.device, work: Path, dry_run: bool, peak_flops: float) -> 
         Part("c4", "decoding benchmark, --compile reduce-overhead", budgets["c4"],
              [*decode_cmd, "--compile", "reduce-overhead"], {"LAYERSKIP_BENCH_RESULTS": results["c4"], **toy_compile},
              needs=run / "checkpoints"),
+        compiled_layout_part(work, dev, dry_run),
     ]
+
+
+def compiled_layout_part(work: Path, dev: str, dry_run: bool) -> Part:
+    """m: the compiled multi-process layouts on this one device (bench/compiled_layout.py: the real
+    Trainer as rank 0 of a fake process group; compiled vs eager losses, recompiles, compile time,
+    step time). The dry run traces with aot_eager (no inductor C++ compile on the CPU)."""
+    size = ["--dry-run", "--backend", "aot_eager", "--steps", "3", "--layouts", "tp2"] if dry_run else \
+        ["--steps", "8", "--layouts", "fsdp2,tp2_fsdp2_ac"]
+    return Part("m", "compiled TP / FSDP2 layouts on one device (fake process group)", 120 if dry_run else 90,
+                ["-m", "bench.compiled_layout", "--device", dev, *size],
+                {"LAYERSKIP_BENCH_RESULTS": str(work / "results" / "m")})
+
+
+def describe_compiled_layout(work: Path) -> str:
+    """m's line: per layout, the compiled-vs-eager loss difference, recompiles and speed-up."""
+    result = _json(work / "results" / "m" / "compiled_layout.json")
+    if result is None:
+        return ""
+    return "; ".join(f"{name}: loss rel {r['loss_rel']:.1e}, {r['compile_graphs']} graphs ({r['compile_recompiles']} "
+                     f"recompiles, {r['compile_s']:.0f} s), {r['speedup']:.2f}x eager"
+                     for name, r in result["layouts"].items())
 
 
 def part_timeout(budget_s: float, remaining_s: float, reserved_s: float) -> float:
@@ -198,6 +222,8 @@ def describe(part: Part, work: Path, log: Path) -> str:
         return (f"checkpoint {steps[-1].name if steps else 'none'}"
                 + (f"; final exit loss {final['loss']:.3f}" if final else "")
                 + (f"; best exit {best}, agreement {exits[str(best)]['agreement']:.2f}" if str(best) in exits else ""))
+    if part.key == "m":
+        return describe_compiled_layout(work)
     if part.key in ("c3", "c4") and (dec := _json(work / "results" / part.key / "decoding_speedup.json")):
         best = max(dec["rows"], key=lambda r: r["speedup"])
         hf = ", ".join(f"E={r['exit_layer']} γ={r['draft_len']} {'identical' if r['identical_tokens'] else 'DIFFERENT'}"

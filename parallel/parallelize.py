@@ -3,16 +3,20 @@
     tensor parallel -> activation checkpointing -> torch.compile -> FSDP
 
 Tensor parallelism first (it replaces weights by DTensors that the later wrappers see), FSDP last
-(it shards whatever the part has become). The settings are plain values, not the run config.
+(it shards whatever the part has become). Checkpointing inside the compiled block lets the compiler
+choose what to recompute; under tensor parallelism it wraps the compiled block instead (checkpoint
+-> compile): torch 2.13's partitioner saves a DeviceMesh among the tensors of a recomputed DTensor
+region ("expected all tensors_saved_with_vc_check to be Tensors"). The settings are plain values,
+not the run config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from parallel.compile import apply_compile
 from parallel.dims import ParallelDims
 from parallel.fsdp import apply_fsdp
 from parallel.tensor_parallel import apply_tensor_parallel
@@ -25,6 +29,7 @@ WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")   # checkpoint_
 class ParallelizeSettings:
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"   # torch.compile backend (tests use aot_eager to skip code generation)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -33,20 +38,17 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately: blocks are identical, so one compiled graph is reused."""
-    for name, block in list(model.layers.items()):
-        model.layers[name] = torch.compile(block, dynamic=True)
-
-
 def parallelize(part: nn.Module, dims: ParallelDims, settings: ParallelizeSettings) -> nn.Module:
     """Wrap one model part (a parallel.stage.LayerSkipStage) in place and return it."""
     if dims.tp > 1:
         apply_tensor_parallel(part, dims.tp_mesh)
-    if settings.activation_checkpointing:
+    checkpoint_outside = settings.compile and dims.tp > 1
+    if settings.activation_checkpointing and not checkpoint_outside:
         apply_activation_checkpointing(part)
     if settings.compile:
-        apply_compile(part)
+        apply_compile(part, settings.compile_backend)
+    if settings.activation_checkpointing and checkpoint_outside:
+        apply_activation_checkpointing(part)
     if dims.dp > 1:
         # Under pipelining, weights stay gathered from forward to backward (each micro-batch
         # would otherwise all-gather them twice); the schedule reshards.

@@ -94,7 +94,8 @@ class TrainConfig:
     device: str = "auto"          # auto, cpu, or an accelerator name
     dtype: str = "float32"        # float32 or bfloat16 (autocast)
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False         # torch.compile each block, at every parallel layout (README: Compile)
+    compile_backend: str = "inductor"  # or aot_eager / eager: the same tracing without code generation (debugging)
     stop_at_step: Optional[int] = None  # end this invocation early (checkpoint, then exit), e.g. a job time limit
     peak_flops: float = 0.0       # peak FLOP/s of ONE device at train.dtype, for MFU; 0 = MFU not reported
     # operations (pretrain/operations/): time budget, hangs, non-finite steps
@@ -250,6 +251,7 @@ def validate(cfg: RunConfig) -> None:
              tr.global_batch_size,
              f"per-rank batch {tr.global_batch_size // dp} not divisible by train.micro_batch_size={tr.micro_batch_size}")
     _require(tr.dtype in ("float32", "bfloat16"), "train.dtype", tr.dtype, "choose float32 or bfloat16")
+    _one_of("train.compile_backend", tr.compile_backend, ("inductor", "aot_eager", "eager"))
     _require(tr.peak_flops >= 0, "train.peak_flops", tr.peak_flops, "must be >= 0 (0 = no MFU)")
     _require(op.lr > 0, "optim.lr", op.lr, "must be positive")
     _require(op.warmup_steps >= 0, "optim.warmup_steps", op.warmup_steps, "must be >= 0")
@@ -330,9 +332,6 @@ def check_layout(cfg: RunConfig, world_size: int) -> ParallelDims:
              f"dp_replicate={par.dp_replicate} dp_shard={par.dp_shard} tp={par.tp} pp={par.pp}",
              f"dp_replicate·dp_shard·tp·pp = {dims.world_size} but the job has world size {world_size} "
              f"(processes launched); make the product equal the number of processes")
-    _require(not (tr.compile and world_size > 1), "train.compile", tr.compile, "torch.compile is used with one "
-             "process only (it fails in backward on tensor-parallel blocks and is untested with FSDP / "
-             "pipelining); set train.compile=false")
     if par.tp > 1:
         check_tensor_parallel_widths(m, par.tp)
         _require(tr.seq_len % par.tp == 0, "train.seq_len", tr.seq_len, f"not divisible by parallel.tp={par.tp} "

@@ -42,6 +42,7 @@ def test_presets_set_the_two_regimes():
     ("optim.decay=step", "optim.decay"),
     ("model.n_kv_heads=5", "model.n_kv_heads"),
     ("train.dtype=float16", "train.dtype"),
+    ("train.compile_backend=tensorrt", "train.compile_backend"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

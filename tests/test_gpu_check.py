@@ -37,15 +37,16 @@ def test_dry_run_writes_the_summary(tmp_path):
     text = out.read_text()
     assert proc.returncode == 0, text + proc.stderr[-2000:]
     assert "CPU dry run" in text and "no number here is a GPU result" in text
-    rows = {m[0]: m[1] for m in re.findall(r"^\| (a|b|c\d) \| [^|]+ \| ([^|]+) \|", text, re.M)}
-    assert rows == {k: "passed" for k in ("a", "b", "c1", "c2", "c3", "c4", "c5")}, text
+    rows = {m[0]: m[1] for m in re.findall(r"^\| (a|b|c\d|m) \| [^|]+ \| ([^|]+) \|", text, re.M)}
+    assert rows == {k: "passed" for k in ("a", "b", "c1", "c2", "c3", "c4", "c5", "m")}, text
+    assert re.search(r"^\| m \|.*tp2: loss rel [0-9.e+-]+, [1-9]\d* graphs", text, re.M)   # compiled vs eager
     assert re.search(r"^\| a \|.*\| \d+ passed", text, re.M)               # the pytest count
     assert re.search(r"^\| b \|.*layerskip/plain \d", text, re.M)          # bench.mfu's numbers
     assert re.search(r"^\| c3 \|.*identical", text, re.M) and re.search(r"^\| c4 \|.*identical", text, re.M)
     for command in ("LAYERSKIP_TEST_DEVICE=cpu python -m pytest -m device", "python -m bench.mfu",
                     "python -m pretrain.train", "--compile reduce-overhead"):
         assert command in text
-    for result in ("b/mfu.json", "c3/decoding_speedup.json", "c4/decoding_speedup.json"):
+    for result in ("b/mfu.json", "c3/decoding_speedup.json", "c4/decoding_speedup.json", "m/compiled_layout.json"):
         assert (work / "results" / result).is_file()
     assert (work / "gpu_check.md").read_text() == text
     assert (COMMITTED.read_bytes() if COMMITTED.exists() else None) == before   # committed results untouched

@@ -51,10 +51,9 @@ def test_widths_and_sequence_must_divide_by_tp():
     c.model.max_seq_len = 512
     with pytest.raises(ConfigError, match="train.seq_len"):
         check_layout(c, 2)
-    c = cfg(tp=2)
-    c.train.compile = True
-    with pytest.raises(ConfigError, match="train.compile"):
-        check_layout(c, 2)
+    c = cfg(tp=2, pp=2)
+    c.train.compile = True                     # compiled blocks at every layout (tests/test_compile_layouts.py)
+    assert check_layout(c, 4).tp == 2
 
 
 def test_valid_layouts_resolve():

@@ -5,8 +5,12 @@ and blame a healthy rank.
 
     limit = max(train.watchdog_factor x median(recent step times), train.watchdog_min_s)
 
-Armed after the first completed step (the first one includes compilation and warm-up) and paused
-around evaluation and checkpointing. Each rank's thread writes a heartbeat file
+Armed once a step has completed without a compilation on this rank (the first step's time, and
+any step's that compiled, would be warm-up, not a step time), and paused around evaluation and
+checkpointing. Compilation (torch.compile, pretrain/operations/compile_events.py) is never a hang:
+while this rank or any peer compiles, the step's clock stops; when a compilation ends on any rank,
+it restarts from zero - a rank waiting in a collective for a peer that recompiles is waiting for
+the compiler, not stuck. Peers' compilation state comes from their heartbeats. Each rank's thread writes a heartbeat file
 <dir>/rank_<r>.json ({step, alive, progress}) every `interval` seconds; a SIGSTOPped or wedged
 process writes none, so every live rank can tell which peer is stuck: the one whose heartbeat went
 stale, else the one behind in steps. The directory is the run directory's .heartbeat/ (shared
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 from pretrain.files import write_atomic
+from pretrain.operations.compile_events import CompileEvents, compile_events
 from pretrain.operations.exit_codes import EXIT_HANG
 from pretrain.operations.time_budget import StepTimes
 
@@ -66,7 +71,7 @@ def stuck_ranks(beats: dict[int, dict], world_size: int, now: float, stale_s: fl
 
 class Watchdog:
     def __init__(self, directory: Path, rank: int, world_size: int, factor: float, floor_s: float,
-                 exit_fn=os._exit, stream=None):
+                 exit_fn=os._exit, stream=None, compiles: CompileEvents | None = None):
         self.directory = Path(directory)
         self.rank, self.world_size = rank, world_size
         self.factor, self.floor_s = factor, floor_s
@@ -75,6 +80,8 @@ class Watchdog:
         self.step = 0
         self.progress = time.time()
         self.paused = 0
+        self.compiles = compile_events() if compiles is None else compiles
+        self._step_compiles = 0     # compilations (forward + backward) seen when the step started
         self.exit_fn = exit_fn
         self.stream = stream or sys.stderr
         self._stop = threading.Event()
@@ -92,11 +99,16 @@ class Watchdog:
         self._thread.start()
         return self
 
+    def _compile_count(self) -> int:
+        return self.compiles.compiles + self.compiles.backward_compiles
+
     def step_started(self, step: int) -> None:
         self.step, self.progress = step, time.time()
+        self._step_compiles = self._compile_count()
 
     def step_done(self, seconds: float) -> None:
-        self.times.add(seconds)
+        if self._compile_count() == self._step_compiles:  # a step that compiled is no step time
+            self.times.add(seconds)
         self.progress = time.time()
 
     @contextlib.contextmanager
@@ -121,6 +133,7 @@ class Watchdog:
     # ---- the thread
     def _write(self) -> None:
         payload = {"rank": self.rank, "step": self.step, "alive": time.time(), "progress": self.progress,
+                   "compiling": self.compiles.active > 0, "compile_end": self.compiles.last_end,
                    "host": socket.gethostname(), "pid": os.getpid()}
         try:
             write_atomic(self.file, json.dumps(payload), durable=False)  # rewritten every few seconds
@@ -133,14 +146,24 @@ class Watchdog:
     def check(self, now: float) -> str | None:
         """The hang report when the current step is over the limit, else None."""
         limit = self.limit()
-        if self.paused or limit is None or now - self.progress <= limit:
+        if self.paused or limit is None or self.compiles.active:
             return None
-        stuck = stuck_ranks(read_heartbeats(self.directory), self.world_size, now,
-                            stale_s=max(3 * self.interval, 1.0))
+        since = max(self.progress, self.compiles.last_end)
+        if now - since <= limit:
+            return None
+        beats, stale_s = read_heartbeats(self.directory), max(3 * self.interval, 1.0)
+        live = [b for b in beats.values() if now - b.get("alive", 0.0) <= stale_s]  # a stopped rank's flag is stale
+        if any(b.get("compiling") for b in live):
+            return None
+        since = max([since] + [b.get("compile_end", 0.0) for b in live])
+        if now - since <= limit:
+            return None
+        stuck = stuck_ranks(beats, self.world_size, now, stale_s=stale_s)
         stuck.pop(self.rank, None)
         names = "; ".join(f"rank {r}: {why}" for r, why in sorted(stuck.items())) or \
             "no other rank looks stuck (this rank may be the one hanging, e.g. in I/O)"
-        return (f"watchdog: rank {self.rank} step {self.step} has run {now - self.progress:.1f} s, over the "
+        return (f"watchdog: rank {self.rank} step {self.step} has run {now - since:.1f} s (since its start or the "
+                f"last compilation on any rank), over the "
                 f"limit {limit:.1f} s (max({self.factor:g} x median step {self.times.median():.3f} s, "
                 f"train.watchdog_min_s={self.floor_s:g})); stuck: {names}; exiting with code {EXIT_HANG}")
 

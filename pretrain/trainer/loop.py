@@ -25,6 +25,7 @@ from pretrain.metrics.flops import mfu, step_flops
 from pretrain.files import write_atomic
 from pretrain.metrics.logger import MetricsLogger
 from pretrain.metrics.sinks import safe_print
+from pretrain.operations.compile_events import compile_events
 from pretrain.operations.nonfinite import finite_tree
 from pretrain.operations.run_dir import for_restarted_workers
 from pretrain.operations.session import RunOperations
@@ -192,7 +193,8 @@ def _loop(run: CheckedRun, trainer: Trainer, ops: RunOperations, checkpointer: C
                         "blocks_run_fraction": result.rows_run / max(result.rows_total, 1),
                         "layer_dropout_rate": list(plan.drop_rates),
                         "tokens_seen": batches.tokens_seen(done),
-                        "peak_memory_mib": peak_memory_bytes(device) / 2**20},
+                        "peak_memory_mib": peak_memory_bytes(device) / 2**20,
+                        **(compile_events().metrics() if cfg.train.compile else {})},  # a recompile storm shows
                        console=f"step {step:>6d} loss {result.loss:.4f} "
                                f"(exit {cfg.model.n_layers}: {result.exit_losses[cfg.model.n_layers]:.4f}) "
                                f"lr {lr:.2e} gnorm {result.grad_norm:.3f} tok/s {tokens_per_s:,.0f}"

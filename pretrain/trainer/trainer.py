@@ -32,7 +32,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, dims: ParallelDims, model: LayerSkipTransformer):
         self.cfg, self.dims = cfg, dims
         tr = cfg.train
-        settings = ParallelizeSettings(activation_checkpointing=tr.activation_checkpointing, compile=tr.compile)
+        settings = ParallelizeSettings(activation_checkpointing=tr.activation_checkpointing, compile=tr.compile,
+                                       compile_backend=tr.compile_backend)
         self.stages = split_into_stages(model.to(dims.device), dims.num_stages,
                                         stages_of_rank(dims.pp_rank, dims.pp, dims.virtual_stages), seq_shards=dims.tp)
         self.model_parts: list[nn.Module] = [parallelize(part, dims, settings) for _, part in self.stages]

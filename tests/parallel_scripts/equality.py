@@ -23,6 +23,7 @@ from common import (fresh_model, global_batch, lr_at, max_rel, rank_batch, refer
                     tiny_config)
 from pretrain.config import check_layout
 from pretrain.layerskip.plan import step_plan
+from pretrain.operations.compile_events import compile_events
 from pretrain.trainer.trainer import Trainer
 from parallel.consolidate import consolidated_model, full_state_dict
 from parallel.grad_sync import check_replicas_identical
@@ -31,7 +32,8 @@ from parallel.mesh import init_process_group, teardown_parallel
 CFG_KEYS = {"tie": ("tie", lambda v: bool(int(v))), "p_max": ("p_max", float),
             "global_batch": ("global_batch", int), "micro_batch": ("micro_batch", int), "steps": ("steps", int),
             "eps": ("adam_eps", float), "ac": ("activation_checkpointing", lambda v: bool(int(v))),
-            "ckpt_heads": ("checkpoint_heads", lambda v: bool(int(v))), "export": ("export", lambda v: bool(int(v)))}
+            "ckpt_heads": ("checkpoint_heads", lambda v: bool(int(v))), "export": ("export", lambda v: bool(int(v))),
+            "compile": ("compile", lambda v: bool(int(v))), "chunk": ("loss_chunk_tokens", int)}
 
 
 def parse(spec: str) -> tuple[dict, dict]:
@@ -51,12 +53,16 @@ def run_layout(spec: str, references: dict) -> dict:
     export = cfg_kwargs.pop("export", False)
     cfg = tiny_config(**cfg_kwargs, **parallel)
     ref_key = tuple(sorted((k, v) for k, v in cfg_kwargs.items()
-                           if k not in ("activation_checkpointing", "checkpoint_heads")))
+                           if k not in ("activation_checkpointing", "checkpoint_heads", "compile", "loss_chunk_tokens")))
     if ref_key not in references:
         references[ref_key] = reference_run(tiny_config(**cfg_kwargs))
     ref_losses, ref_exits, ref_state = references[ref_key]
     dims = check_layout(cfg, dist.get_world_size())
     dims.build_mesh()
+    if cfg.train.compile:
+        torch._dynamo.reset()  # this layout's compilations counted from zero
+    compiles = compile_events()
+    before = dict(compiles.metrics())
     trainer = Trainer(cfg, dims, fresh_model(cfg))
     worst_loss, worst_exit, rows = 0.0, 0.0, []
     started = time.perf_counter()
@@ -75,7 +81,8 @@ def run_layout(spec: str, references: dict) -> dict:
     if export and state is None:
         export_hf(trainer, dims, "/nonexistent")  # collective: every rank takes part
     out = {"layout": spec, "loss_rel": worst_loss, "exit_rel": worst_exit, "replica_gap": replica_gap,
-           "blocks_run_fraction": rows, "step_s": seconds}
+           "blocks_run_fraction": rows, "step_s": seconds,
+           **{k: v - before[k] for k, v in compiles.metrics().items()}}
     if state is not None:
         assert sorted(state) == sorted(ref_state), (sorted(state), sorted(ref_state))
         out["param_abs"] = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
