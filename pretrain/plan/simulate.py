@@ -5,6 +5,7 @@ dropout (every block runs on every row) and the curriculum's step with the most 
 from __future__ import annotations
 
 import copy
+import multiprocessing
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,29 @@ class RankMemory:
     in_flight: int
 
 
-def simulate_step(cfg: RunConfig, world_size: int, rank: int, step: int) -> tuple[ParallelDims, StepMemory]:
-    """The tracked memory of one step of `cfg` at `rank` of a fake world of `world_size`."""
+def fewer_micro_batches(cfg: RunConfig, world_size: int, keep: int = 2) -> RunConfig:
+    """Without pipelining, micro-batches run one after another and the peak is the same from the
+    second on (gradients already allocated): simulate `keep` of them (the batch shrinks to
+    dp·micro_batch_size·keep). Pipelined layouts keep theirs (the schedule's in-flight count)."""
+    dims = check_layout(cfg, world_size)
+    tr = cfg.train
+    if dims.pp > 1 or tr.global_batch_size // dims.dp // tr.micro_batch_size <= keep:
+        return cfg
+    short = copy.deepcopy(cfg)
+    short.train.global_batch_size = dims.dp * tr.micro_batch_size * keep
+    return short
+
+
+def simulate_step(cfg: RunConfig, world_size: int, rank: int, step: int) -> StepMemory:
+    """The tracked memory of one step of `cfg` at `rank` of a fake world of `world_size`, in a fresh
+    process, forked from this one (a process group, and the device meshes cached with it, cannot be
+    re-created reliably in one process for another rank)."""
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(_simulate_step_here, (cfg, world_size, rank, step))
+
+
+def _simulate_step_here(cfg: RunConfig, world_size: int, rank: int, step: int) -> StepMemory:
+    torch.set_num_threads(1)   # fake tensors compute nothing
     with fake_process_group(world_size, rank):
         dims = check_layout(cfg, world_size)
         dims.build_mesh()
@@ -80,20 +102,20 @@ def simulate_step(cfg: RunConfig, world_size: int, rank: int, step: int) -> tupl
         with fake_tensors():
             torch.manual_seed(cfg.train.seed)
             trainer = Trainer(cfg, dims, keep_in_place(LayerSkipTransformer(cfg.model)))
-            memory = tracked_step(trainer, step_plan(cfg, step), batch)
-        return dims, memory
+            return tracked_step(trainer, step_plan(cfg, step), batch)
 
 
 def simulate_rank(cfg: RunConfig, world_size: int, rank: int, step: int, exit_cost: bool = True) -> RankMemory:
     """Worst-case memory at `rank`; with exit_cost, also the step with the final exit only (what
     LayerSkip's early-exit heads add on this rank)."""
-    worst = worst_case_config(cfg)
-    dims, memory = simulate_step(worst, world_size, rank, step)
+    worst = fewer_micro_batches(worst_case_config(cfg), world_size)
+    memory = simulate_step(worst, world_size, rank, step)
     exit_logits = None
     if exit_cost and cfg.layerskip.early_exit.enabled:
         plain = copy.deepcopy(worst)
         plain.layerskip.early_exit.enabled = False
-        exit_logits = memory.peak - simulate_step(plain, world_size, rank, step)[1].peak
+        exit_logits = memory.peak - simulate_step(plain, world_size, rank, step).peak
+    dims = check_layout(cfg, world_size)
     pp_rank = rank // (world_size // dims.pp)
     return RankMemory(rank=rank, pp_rank=pp_rank, stages=stages_of_rank(pp_rank, dims.pp, dims.virtual_stages),
                       memory=memory, exit_logits=exit_logits, in_flight=in_flight_micro_batches(dims, pp_rank))
