@@ -51,9 +51,11 @@ def warm_optimizer_state(parts: list[torch.nn.Module], optimizers: list[torch.op
         opt.zero_grad(set_to_none=True)
 
 
-def tracked_step(trainer, plan, batch: dict[str, torch.Tensor]) -> StepMemory:
-    """Run trainer.train_step(plan, batch) under the tracker; the peak and its breakdown."""
-    warm_optimizer_state(trainer.model_parts, trainer.optimizer_parts)
+def tracked_step(trainer, plan, batch: dict[str, torch.Tensor], warm: bool = True) -> StepMemory:
+    """Run trainer.train_step(plan, batch) under the tracker (after warm_optimizer_state unless the
+    caller did it); the peak and its breakdown."""
+    if warm:
+        warm_optimizer_state(trainer.model_parts, trainer.optimizer_parts)
     tracker = MicroBatchMemTracker()
     tracker.track_external(*trainer.model_parts, *trainer.optimizer_parts)
     with tracker:
