@@ -13,6 +13,8 @@ by torch's MemTracker (pretrain/plan/memory.py). On a GPU, `make gpu-check` adds
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -67,12 +69,42 @@ def cpu_part() -> tuple[dict, str]:
     return {"rows": rows, "max_abs_error": worst}, text
 
 
+# `make gpu-check`: one GPU, a Llama-3.2-1B shape in bf16 (DRY_RUN: the small model on the CPU)
+GPU_RUN = ["model=llama_1b", "train.dtype=bfloat16", "train.seq_len=2048", "train.global_batch_size=4",
+           "train.micro_batch_size=2", "layerskip.early_exit.rotation_period=4",
+           "layerskip.early_exit.loss_chunk_tokens=2048"]
+
+
+def device_part(out: Path, dry_run: bool) -> dict:
+    """The plan of one process against a real step on this machine's accelerator: the tracker's peak
+    (same definition) and the allocator's (torch's max_memory_allocated; None on the CPU)."""
+    from pretrain.plan.measure import measure
+
+    overrides = SMALL if dry_run else GPU_RUN
+    predicted = predicted_peaks(1, overrides)[0]
+    os.environ.pop("WORLD_SIZE", None)
+    real = measure([*overrides, "train.device=" + ("cpu" if dry_run else "auto")])
+    alloc = real["allocator_peak"]
+    result = {"overrides": overrides, "device": real["device"], "predicted": predicted, "tracked": real["peak"],
+              "allocator_peak": alloc, "error_vs_tracked": (predicted - real["peak"]) / real["peak"],
+              "error_vs_allocator": None if alloc is None else (predicted - alloc) / alloc}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan_check.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("cpu", "table"), required=True)
+    ap.add_argument("--part", choices=("cpu", "table", "device"), required=True)
+    ap.add_argument("--dry-run", action="store_true", help="--part device on the CPU with the small model")
+    ap.add_argument("--out", type=Path, default=Path("."), help="--part device: where plan_check.json goes")
     args = ap.parse_args(argv)
     from bench.common import record
 
+    if args.part == "device":
+        device_part(args.out, args.dry_run)
+        return 0
     started = time.perf_counter()
     if args.part == "cpu":
         payload, text = cpu_part()
