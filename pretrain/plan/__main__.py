@@ -2,6 +2,7 @@
 
     python -m pretrain.plan <the training run's Hydra overrides> plan.world_size=N plan.device=h100-80gb
         [plan.mfu=0.4] [plan.memory_margin=0.1] [plan.search=true] [plan.top=10] [plan.json=FILE]
+        [plan.exit_cost=false] [plan.layers=K]
 
 Runs one training step of the real Trainer for the layout (parallel.*) on N fake devices in this CPU
 process and prints, per simulated rank (rank 0; under pipelining one rank per pipeline stage, or the
@@ -24,8 +25,9 @@ from pretrain.plan.search import search
 from pretrain.plan.simulate import simulate_layout
 
 
-def plan_report(cfg, world_size: int, device, margin: float, mfu: float, exit_cost: bool = True) -> dict:
-    dims, step, exits, ranks = simulate_layout(cfg, world_size, exit_cost=exit_cost)
+def plan_report(cfg, world_size: int, device, margin: float, mfu: float, exit_cost: bool = True,
+                layers: int = 0) -> dict:
+    dims, step, exits, ranks = simulate_layout(cfg, world_size, exit_cost=exit_cost, layers=layers)
     return build_report(cfg, dims, device, margin, step, exits, ranks,
                         predict_throughput(cfg, dims, exits, device, mfu), mfu)
 
@@ -33,7 +35,8 @@ def plan_report(cfg, world_size: int, device, margin: float, mfu: float, exit_co
 def search_report(cfg, plan, device) -> list[dict]:
     """Every mesh's best tried layout, fits first, then by predicted tokens/s."""
     reports = []
-    for cand, (dims, step, exits, ranks) in search(cfg, plan.world_size, device, plan.memory_margin, plan.mfu):
+    for cand, (dims, step, exits, ranks) in search(cfg, plan.world_size, device, plan.memory_margin, plan.mfu,
+                                                   layers=plan.layers):
         reports.append(build_report(cand, dims, device, plan.memory_margin, step, exits, ranks,
                                     predict_throughput(cand, dims, exits, device, plan.mfu), plan.mfu))
     return sorted(reports, key=lambda r: (not r["fits"], -r["throughput"]["tokens_per_s"]))
@@ -62,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, _ = compose_run_config(run_args)
         device = device_by_name(plan.device)
         if not plan.search:
-            check_layout(cfg, plan.world_size)   # names the key before anything runs
+            dims = check_layout(cfg, plan.world_size)   # names the key before anything runs
+            if plan.layers and (plan.layers % dims.num_stages or plan.layers >= cfg.model.n_layers):
+                raise ConfigError(f"plan.layers={plan.layers}: must be below model.n_layers={cfg.model.n_layers} "
+                                  f"and a multiple of the {dims.num_stages} pipeline stages")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -77,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbest:\n" + format_report(reports[0]))
         result: dict | list = reports
     else:
-        result = plan_report(cfg, plan.world_size, device, plan.memory_margin, plan.mfu, plan.exit_cost)
+        result = plan_report(cfg, plan.world_size, device, plan.memory_margin, plan.mfu, plan.exit_cost, plan.layers)
+        if 0 < plan.layers < cfg.model.n_layers:
+            result["extrapolated_from_layers"] = [plan.layers, 2 * plan.layers]
         print(format_report(result))
     if plan.json:
         path = Path(plan.json)

@@ -22,6 +22,8 @@ class PlanConfig:
     memory_margin: float = 0.10     # share of device memory kept free (runtime, allocator, NCCL)
     search: bool = False            # rank the layouts that fit world_size devices
     exit_cost: bool = True          # also simulate the final exit alone: what the early exits add
+    layers: int = 0                 # >0: simulate this many and twice as many blocks, extrapolate to
+                                    # model.n_layers (large models on a slow CPU); 0 = all blocks
     top: int = 10                   # layouts listed by the search
     json: str = ""                  # also write the report as JSON to this file
 
@@ -49,6 +51,7 @@ def parse_plan_config(overrides: list[str]) -> PlanConfig:
     _check(0 < cfg.mfu <= 1, "plan.mfu", cfg.mfu, "must be in (0, 1]")
     _check(0 <= cfg.memory_margin < 1, "plan.memory_margin", cfg.memory_margin, "must be in [0, 1)")
     _check(cfg.top >= 1, "plan.top", cfg.top, "must be >= 1")
+    _check(cfg.layers >= 0, "plan.layers", cfg.layers, "must be >= 0 (0 = simulate every block)")
     try:
         device_by_name(cfg.device)
     except ValueError as err:

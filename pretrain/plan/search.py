@@ -79,8 +79,8 @@ def settings(cfg: RunConfig, mesh: dict, world_size: int, device: Device, mfu: f
     return sorted(found, key=lambda c: (-c.tokens_per_s, -c.cfg.train.micro_batch_size))
 
 
-def search(cfg: RunConfig, world_size: int, device: Device, margin: float, mfu: float, per_mesh: int = 3
-           ) -> list[tuple[RunConfig, object]]:
+def search(cfg: RunConfig, world_size: int, device: Device, margin: float, mfu: float, per_mesh: int = 3,
+           layers: int = 0) -> list[tuple[RunConfig, object]]:
     """[(candidate config, simulate_layout result)], the best tried setting of each mesh."""
     usable = device.memory_bytes * (1 - margin)
     _, exits_on = worst_exit_step(cfg)
@@ -88,7 +88,7 @@ def search(cfg: RunConfig, world_size: int, device: Device, margin: float, mfu: 
     for mesh in meshes(world_size):
         tried = None
         for cand in settings(cfg, mesh, world_size, device, mfu, exits_on)[:per_mesh]:
-            tried = (cand.cfg, simulate_layout(cand.cfg, world_size, exit_cost=False))
+            tried = (cand.cfg, simulate_layout(cand.cfg, world_size, exit_cost=False, layers=layers))
             if max(r.memory.peak for r in tried[1][3]) <= usable:
                 break
         if tried is not None:

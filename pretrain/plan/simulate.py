@@ -121,10 +121,45 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, step: int, exit_co
                       memory=memory, exit_logits=exit_logits, in_flight=in_flight_micro_batches(dims, pp_rank))
 
 
-def simulate_layout(cfg: RunConfig, world_size: int, exit_cost: bool = True) -> tuple[ParallelDims, int, int,
-                                                                                        list[RankMemory]]:
-    """(resolved dims, worst step, exits on at it, memory of each simulated rank)."""
+def simulate_layout(cfg: RunConfig, world_size: int, exit_cost: bool = True, layers: int = 0
+                    ) -> tuple[ParallelDims, int, int, list[RankMemory]]:
+    """(resolved dims, worst step, exits on at it, memory of each simulated rank). With 0 < layers <
+    model.n_layers, the model is simulated with `layers` and 2·`layers` blocks and every byte count
+    extrapolated linearly to model.n_layers (see `extrapolate`)."""
     dims = check_layout(cfg, world_size)
     step, exits = worst_exit_step(cfg)
-    ranks = [simulate_rank(cfg, world_size, r, step, exit_cost) for r in stage_ranks(dims)]
+    if 0 < layers < cfg.model.n_layers:
+        short = [_simulate_all(with_layers(cfg, n), world_size, exit_cost) for n in (layers, 2 * layers)]
+        ranks = [extrapolate(a, b, layers, 2 * layers, cfg.model.n_layers) for a, b in zip(*short)]
+    else:
+        ranks = [simulate_rank(cfg, world_size, r, step, exit_cost) for r in stage_ranks(dims)]
     return dims, step, exits, ranks
+
+
+def _simulate_all(cfg: RunConfig, world_size: int, exit_cost: bool) -> list[RankMemory]:
+    step, _ = worst_exit_step(cfg)
+    return [simulate_rank(cfg, world_size, r, step, exit_cost) for r in stage_ranks(check_layout(cfg, world_size))]
+
+
+def with_layers(cfg: RunConfig, n_layers: int) -> RunConfig:
+    """cfg with n_layers blocks (exit_layers beyond them dropped)."""
+    short = copy.deepcopy(cfg)
+    short.model.n_layers = n_layers
+    ee = short.layerskip.early_exit
+    if ee.exit_layers:
+        ee.exit_layers = [l for l in ee.exit_layers if l <= n_layers] or None
+    return short
+
+
+def extrapolate(a: RankMemory, b: RankMemory, la: int, lb: int, layers: int) -> RankMemory:
+    """Each byte count v(L) = v(la) + (v(lb) - v(la))·(L - la)/(lb - la): parameters, gradients,
+    optimizer state and the activations kept per block grow linearly with the blocks (a stage's
+    share of them under pipelining); with the rotational curriculum the exits on grow ~L/period, so
+    the exit logits do too; what does not depend on L (embedding, head, one gathered block) stays."""
+    def line(x: int | None, y: int | None) -> int | None:
+        return None if x is None or y is None else int(round(x + (y - x) * (layers - la) / (lb - la)))
+
+    kinds = {k: line(a.memory.by_kind[k], b.memory.by_kind[k]) for k in a.memory.by_kind}
+    return RankMemory(rank=a.rank, pp_rank=a.pp_rank, stages=a.stages, memory=StepMemory(
+        peak=line(a.memory.peak, b.memory.peak), by_kind=kinds), exit_logits=line(a.exit_logits, b.exit_logits),
+        in_flight=a.in_flight)
