@@ -10,7 +10,9 @@
       the real Trainer as rank 0 of a fake process group, compiled vs eager (bench/compiled_layout.py);
   c5  identical greedy tokens: each decoding run checks self-speculative against autoregressive
       decoding and transformers' assistant_early_exit against both, so eager, reduce-overhead and
-      transformers agree when c3 and c4 report identical tokens at a configuration both compared.
+      transformers agree when c3 and c4 report identical tokens at a configuration both compared;
+  p   pretrain.plan's predicted peak memory of a one-GPU llama_1b step against the real step's
+      (bench/plan_validation.py --part device).
 
     python -m bench.gpu_check [--budget-s 480] [--out bench/results/gpu_check.md] [--work-dir DIR]
     python -m bench.gpu_check --dry-run        # the same parts on the CPU at toy sizes (make test runs it)
@@ -114,6 +116,7 @@ def plan(device: torch.device, work: Path, dry_run: bool, peak_flops: float) -> 
              [*decode_cmd, "--compile", "reduce-overhead"], {"LAYERSKIP_BENCH_RESULTS": results["c4"], **toy_compile},
              needs=run / "checkpoints"),
         compiled_layout_part(work, dev, dry_run),
+        plan_check_part(work, dry_run),
     ]
 
 
@@ -136,6 +139,24 @@ def describe_compiled_layout(work: Path) -> str:
     return "; ".join(f"{name}: loss rel {r['loss_rel']:.1e}, {r['compile_graphs']} graphs ({r['compile_recompiles']} "
                      f"recompiles, {r['compile_s']:.0f} s), {r['speedup']:.2f}x eager"
                      for name, r in result["layouts"].items())
+
+
+def plan_check_part(work: Path, dry_run: bool) -> Part:
+    """p: pretrain.plan's predicted peak memory of a one-GPU step against the real step's, by the same
+    tracker and by the allocator (bench/plan_validation.py --part device)."""
+    return Part("p", "pretrain.plan: predicted vs real peak memory", 120 if dry_run else 90,
+                ["-m", "bench.plan_validation", "--part", "device", "--out", str(work / "results" / "p"),
+                 *(["--dry-run"] if dry_run else [])])
+
+
+def describe_plan_check(work: Path) -> str:
+    res = _json(work / "results" / "p" / "plan_check.json")
+    if res is None:
+        return ""
+    alloc = ("" if res["allocator_peak"] is None else f", allocator peak {res['allocator_peak'] / 2**30:.2f} GiB "
+             f"({res['error_vs_allocator']:+.1%})")
+    return (f"predicted {res['predicted'] / 2**30:.3f} GiB, tracked {res['tracked'] / 2**30:.3f} GiB "
+            f"({res['error_vs_tracked']:+.1%}){alloc}")
 
 
 def part_timeout(budget_s: float, remaining_s: float, reserved_s: float) -> float:
@@ -197,6 +218,8 @@ def _json(path: Path) -> dict | None:
 
 def describe(part: Part, work: Path, log: Path) -> str:
     """One line of what a part measured, from the files it wrote."""
+    if part.key == "p":
+        return describe_plan_check(work)
     if part.key == "a":
         lines = [l for l in log.read_text(errors="replace").splitlines() if " passed" in l or " failed" in l]
         return lines[-1].strip("= ") if lines else ""

@@ -62,3 +62,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def fused_adamw_supported(device: torch.device) -> bool:
     return device.type in ("cpu", _ACCELERATOR)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the allocator's peak-memory count afresh (accelerators; a no-op on the CPU)."""
+    if is_accelerator(device):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_allocated(device: torch.device) -> int | None:
+    """Bytes the caching allocator had allocated at most since the last reset; None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) if is_accelerator(device) else None

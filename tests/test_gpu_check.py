@@ -49,6 +49,7 @@ def test_dry_run_writes_the_summary(tmp_path):
     for result in ("b/mfu.json", "c3/decoding_speedup.json", "c4/decoding_speedup.json", "m/compiled_layout.json"):
         assert (work / "results" / result).is_file()
     assert (work / "gpu_check.md").read_text() == text
+    assert re.search(r"^\| p \| [^|]+ \| passed \|.*predicted [\d.]+ GiB, tracked", text, re.M)   # pretrain.plan
     assert (COMMITTED.read_bytes() if COMMITTED.exists() else None) == before   # committed results untouched
 
 

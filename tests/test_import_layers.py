@@ -16,6 +16,7 @@ LAYERS = [  # lowest first
     {"pretrain.model_loading", "pretrain.metrics"},  # our checkpoints or HF directories; logs (eval media)
     {"pretrain.operations"},                         # run lock, signals, guard, watchdog (pretrain/operations)
     {"pretrain.trainer"},
+    {"pretrain.plan"},                               # the cluster simulator: runs the trainer on fake devices
     {"pretrain.train", "pretrain.eval", "pretrain.generate", "pretrain.hf_interop.__main__"},  # entry points
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
