@@ -2,10 +2,12 @@
 decodes autoregressively when not, switches mid-generation, and gives the full model's greedy text
 whatever it does; its report says what it chose and why; bad input is refused."""
 import pytest
+import torch
 from builders import NEW, PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import DecodeOptions, generate
 from pretrain.decoding.auto_strategy import AutoStrategy
+from pretrain.decoding.self_speculative import speculative_round
 from schedules.speedup import DecodeCosts, expected_speedup_with_costs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +108,7 @@ def test_bad_options_are_refused(model):
         generate(model, PROMPTS, adaptive_draft=True)
     with pytest.raises(ValueError, match="adaptive_draft and dynamic_exit need strategy self_speculative"):
         generate(model, PROMPTS, dynamic_exit=True)
-    with pytest.raises(ValueError, match="max_draft_len=8 need 9"):
+    with pytest.raises(ValueError, match="strategy auto with max_draft_len=8 needs 9"):
         generate(model, PROMPTS, costs=DecodeCosts.layer_count(4))
     with pytest.raises(ValueError, match="min_speedup=0"):
         generate(model, PROMPTS, min_speedup=0, costs=PAYS)
@@ -116,3 +118,29 @@ def test_bad_options_are_refused(model):
         generate(model, PROMPTS, exit_layer=6, costs=PAYS)
     with pytest.raises(ValueError, match="batch=0"):
         DecodeCosts(block=(1.0,), head=(0.0,), batch=0)
+
+
+def test_rows_far_apart_then_plain_steps(monkeypatch):
+    """A long row races ahead while drafting (γ 8, a strong exit) and leaves the batch done; the short
+    row it left behind finishes with plain steps. The cache's host bound on the attended span must
+    follow the rows still decoding, not the one that left (it once overran the cache)."""
+    import pretrain.decoding.auto_strategy as auto_module
+
+    strong_exit = make_model(scale=0.01, embed_scale=20)
+    prompts, new = [list(range(1, 41)), [1]], 40
+    rounds = []
+
+    def spec_then_steps(self, score, positions, generated):
+        self.strategy, self.draft_len = ("self_speculative", 8) if len(rounds) < 5 else ("autoregressive", 8)
+
+    def uneven_round(runner, seqs, *args, **kwargs):
+        rounds.append(seqs.batch)
+        gammas = torch.tensor([8, 0][:seqs.batch]) if seqs.batch == 2 else None
+        return speculative_round(runner, seqs, *args, row_draft_lens=gammas, **kwargs)
+
+    monkeypatch.setattr(AutoStrategy, "observe", spec_then_steps)
+    monkeypatch.setattr(AutoStrategy, "read_exit_now", lambda self: True)
+    monkeypatch.setattr(auto_module, "speculative_round", uneven_round)
+    out, stats = generate(strong_exit, prompts, exit_layer=2, max_new_tokens=new, costs=PAYS)
+    assert out == [reference_greedy(strong_exit, p, new) for p in prompts]
+    assert rounds[0] == 2 and stats.auto[0]["autoregressive_steps"] > 20

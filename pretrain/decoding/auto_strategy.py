@@ -8,8 +8,9 @@ autoregressive decoding, (1 + α + .. + α^γ) · (L b(1) + h(1) + s) / round_co
 in 1..max_draft_len. Autoregressive decoding is 1 by definition. Drafting is chosen when its
 prediction exceeds `min_speedup`.
 
-Evidence. α at E is a decayed average of per-position acceptance scores (top-1 agreement of the
-exit with the full model when greedy, sum_v min(p_E, p_L) when sampling):
+Evidence. α at E is an average of per-position acceptance scores (top-1 agreement of the exit with
+the full model when greedy, sum_v min(p_E, p_L) when sampling), decayed per position judged (about
+the last 50 positions weigh):
   - while drafting, every round judges its drafts: accepted of (accepted + rejected);
   - while decoding autoregressively, every `recheck_every`-th step (and each of the first steps
     until `min_evidence` positions are read) the shared head also reads h_E, which the step
@@ -48,9 +49,9 @@ class AutoStrategy:
     costs: DecodeCosts                # measured at the batch size being decoded
     max_draft_len: int = 8            # γ searched in 1..max_draft_len
     min_speedup: float = 1.0          # draft only when predicted faster than this
-    min_evidence: int = 16            # positions read before the first decision
+    min_evidence: int = 8             # positions read before the first decision
     recheck_every: int = 8            # autoregressive steps between reads of the exit
-    decay: float = 0.9                # weight of older evidence, per observation
+    decay: float = 0.98               # weight of older evidence, per position judged (memory ~50 positions)
     score: float = 0.0                # decayed sum of per-position acceptance scores
     positions: float = 0.0            # decayed number of positions
     seen: int = 0                     # positions read, undecayed
@@ -98,8 +99,9 @@ class AutoStrategy:
         """Acceptance evidence (sum of scores over `positions` positions), then a decision.
         `generated`: tokens committed so far (recorded with each change of strategy)."""
         if positions:
-            self.score = self.decay * self.score + score
-            self.positions = self.decay * self.positions + positions
+            fade = self.decay ** positions
+            self.score = fade * self.score + score
+            self.positions = fade * self.positions + positions
             self.seen += positions
         if self.seen < self.min_evidence:
             return
@@ -137,7 +139,12 @@ def decode_auto(runner: BlockRunner, seqs: Sequences, auto: AutoStrategy, sampli
     model, stats, L = runner.model, runner.stats, runner.num_layers
     queries = ExitQueryCache(seqs.batch, auto.max_draft_len + 1, model.cfg.dim,
                              dtype=model.tok_embeddings.weight.dtype, device=seqs.tokens.device)
+    first_layer = runner.cache.layers[0]
     while seqs.batch:
+        if runner.cache.span(first_layer, 0) > seqs.max_length - 1:
+            # the cache's host bound on the attended span still counts a longer row that has left
+            # (plain steps only grow it): re-base it on the rows decoding (same KV, nothing moves)
+            runner.crop_to_committed(seqs.length, seqs.max_length)
         if auto.strategy == SELF_SPECULATIVE:
             accepted, rejections = stats.accepted, stats.rejections
             speculative_round(runner, seqs, queries, auto.exit_layer, auto.draft_len, sampling, generator)

@@ -91,8 +91,11 @@ def _validate(opts: DecodeOptions, num_layers: int) -> int:
         if not (opts.dynamic_exit or auto):
             raise ValueError("costs only steer the dynamic exit and strategy auto: set dynamic_exit=True, "
                              "strategy='auto', or leave costs unset")
+        if auto and opts.costs.max_positions < opts.max_draft_len + 1:   # auto drafts γ <= max_draft_len
+            raise ValueError(f"costs are measured up to {opts.costs.max_positions} positions; strategy auto with "
+                             f"max_draft_len={opts.max_draft_len} needs {opts.max_draft_len + 1}")
         longest = max(opts.draft_len, opts.max_draft_len)
-        if opts.costs.max_positions < longest + 1:
+        if not auto and opts.costs.max_positions < longest + 1:
             raise ValueError(f"costs are measured up to {opts.costs.max_positions} positions; draft_len="
                              f"{opts.draft_len} and max_draft_len={opts.max_draft_len} need {longest + 1}")
     return exit_layer
