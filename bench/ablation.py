@@ -130,7 +130,8 @@ def measure_decoding(model, prompts: list[list[int]], exit_layer: int, draft_len
     """Greedy self-speculative decoding at (E, γ) vs autoregressive on the same prompts, batch 1:
     identical tokens checked; tokens/s from interleaved medians."""
     ar = DecodeOptions(strategy="autoregressive", max_new_tokens=new_tokens)
-    spec = DecodeOptions(exit_layer=exit_layer, draft_len=draft_len, max_new_tokens=new_tokens)
+    spec = DecodeOptions(strategy="self_speculative", exit_layer=exit_layer, draft_len=draft_len,
+                         max_new_tokens=new_tokens)
     reference, _ = decode_each(model, prompts, ar)
     outputs, stats = decode_each(model, prompts, spec)
     times = interleaved_medians({"autoregressive": lambda: decode_each(model, prompts, ar),

@@ -102,13 +102,14 @@ def batch_section(model, prompts, args, baseline) -> tuple[list[str], dict]:
     n_tok = 8 * args.new_tokens
     ar = DecodeOptions(strategy="autoregressive", max_new_tokens=args.new_tokens)
     reference, ar_stats = generate(model, b8, ar)
-    configs = {f"E={E},g={g}": DecodeOptions(exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
+    configs = {f"E={E},g={g}": DecodeOptions(strategy="self_speculative", exit_layer=E, draft_len=g,
+                                             max_new_tokens=args.new_tokens)
                for E in map(int, args.exits.split(",")) for g in map(int, args.batch_gammas.split(","))}
-    configs.update({f"E={E},adaptive g<={g}": DecodeOptions(exit_layer=E, draft_len=g, adaptive_draft=True,
-                                                             max_new_tokens=args.new_tokens)
+    configs.update({f"E={E},adaptive g<={g}": DecodeOptions(strategy="self_speculative", exit_layer=E, draft_len=g,
+                                                            adaptive_draft=True, max_new_tokens=args.new_tokens)
                     for E in map(int, args.exits.split(",")) for g in (4,)})
-    configs["dynamic, per-row γ"] = DecodeOptions(exit_layer=L // 2, draft_len=2, dynamic_exit=True,
-                                                  max_draft_len=max(map(int, args.batch_gammas.split(","))),
+    configs["dynamic, per-row γ"] = DecodeOptions(strategy="self_speculative", exit_layer=L // 2, draft_len=2,
+                                                  dynamic_exit=True, max_draft_len=max(map(int, args.batch_gammas.split(","))),
                                                   max_new_tokens=args.new_tokens)
     cases, summaries = {"autoregressive": lambda: generate(model, b8, ar)}, {"autoregressive": ar_stats.summary()}
     for name, opts in configs.items():
@@ -137,7 +138,7 @@ def batch_section(model, prompts, args, baseline) -> tuple[list[str], dict]:
     if baseline is not None:
         old_ar = baseline.DecodeOptions(strategy="autoregressive", max_new_tokens=args.new_tokens)
         bo = configs[best]
-        old_best = baseline.DecodeOptions(exit_layer=bo.exit_layer, draft_len=bo.draft_len,
+        old_best = baseline.DecodeOptions(strategy="self_speculative", exit_layer=bo.exit_layer, draft_len=bo.draft_len,
                                           adaptive_draft=bo.adaptive_draft, max_new_tokens=args.new_tokens)
         b1 = b8[:args.batch1_prompts]
 
@@ -230,14 +231,14 @@ def main() -> None:
     cases = {"autoregressive": lambda: decode_each(model, prompts, ar)}
     stats = {}
     for E, g in configs:
-        opts = DecodeOptions(exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
+        opts = DecodeOptions(strategy="self_speculative", exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
         outs, stats[(E, g)] = decode_each(model, prompts, opts)
         assert outs == reference, f"E={E} γ={g}: self-speculative output differs from autoregressive"
         cases[f"E={E},g={g}"] = (lambda o=opts: decode_each(model, prompts, o))
     max_gamma = max(g for _, g in configs)
     costs = measure_decode_costs(model, max_gamma + 1, context=args.prompt_len + args.new_tokens // 2)
-    dynamic = {name: DecodeOptions(exit_layer=L // 2, draft_len=min(2, max_gamma), max_draft_len=max_gamma,
-                                   dynamic_exit=True, costs=c, max_new_tokens=args.new_tokens)
+    dynamic = {name: DecodeOptions(strategy="self_speculative", exit_layer=L // 2, draft_len=min(2, max_gamma),
+                                   max_draft_len=max_gamma, dynamic_exit=True, costs=c, max_new_tokens=args.new_tokens)
                for name, c in (("dynamic by layer count", None), ("dynamic by measured costs", costs))}
     dynamic_stats = {}
     for name, opts in dynamic.items():
@@ -271,7 +272,7 @@ def main() -> None:
     for E, g in hf_configs:
         theirs = hf_generate_each(hf, prompts, args.new_tokens, E, g)
         identical = theirs == reference
-        opts = DecodeOptions(exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
+        opts = DecodeOptions(strategy="self_speculative", exit_layer=E, draft_len=g, max_new_tokens=args.new_tokens)
         hf_cases[f"hf E={E},g={g}"] = (lambda E=E, g=g: hf_generate_each(hf, prompts, args.new_tokens, E, g))
         hf_cases[f"ours E={E},g={g}"] = (lambda o=opts: decode_each(model, prompts, o))
         hf_rows.append({"exit_layer": E, "draft_len": g, "identical_tokens": identical})

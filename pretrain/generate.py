@@ -1,5 +1,6 @@
 """Generate text with a LayerSkip model:
 
+    python -m pretrain.generate --checkpoint runs/demo --prompt "def main(" [--strategy auto] [--exit-layer 2]
     python -m pretrain.generate --checkpoint runs/demo --prompt "def main(" --strategy self_speculative \\
         --exit-layer 2 --draft-len 4 [--adaptive-draft] [--dynamic-exit] \\
         [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup] [--compile reduce-overhead] \\
@@ -11,6 +12,10 @@ Face Llama directory (config.json + safetensors + tokenizer.json). Prompts come 
 line). Without --exit-layer / --draft-len, the best (E, γ) of the run's eval.json is used when
 there is one, else E = L/4 and γ = 4. Prints each completion, then one JSON object with the
 statistics (with --measure-speedup also autoregressive decoding of the same prompts and the ratio).
+--strategy auto (the default) drafts at E only when the costs measured here at the batch's size and
+the acceptance it observes predict that drafting pays, and decodes autoregressively otherwise
+(pretrain/decoding/auto_strategy.py); the JSON says what it chose and why ("chosen_strategy",
+"auto": measured costs, observed acceptance, predicted speedups, every change of mind).
 With --dynamic-exit --measure-costs, a block and the shared head are timed here on 1..max_draft_len+1
 positions first, and (E, γ) are chosen by the speedup those costs predict rather than by layer
 counts (see schedules/speedup.py); the costs are reported.
@@ -41,13 +46,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--prompt", action="append", help="repeatable")
     ap.add_argument("--prompts-file", help="JSONL, one prompt per line")
-    ap.add_argument("--strategy", choices=STRATEGIES, default="self_speculative")
+    ap.add_argument("--strategy", default="auto", help=f"one of {', '.join(STRATEGIES)}")
     ap.add_argument("--exit-layer", type=int, help="E: draft (or early-exit) with blocks before E")
     ap.add_argument("--draft-len", type=int, help="γ: draft tokens per round (the cap with --adaptive-draft)")
     ap.add_argument("--adaptive-draft", action="store_true", help="stop drafting below a self-tuning confidence")
     ap.add_argument("--target-acceptance", type=float, default=0.8, help="what --adaptive-draft tunes toward")
     ap.add_argument("--dynamic-exit", action="store_true", help="choose E and γ online from per-exit acceptance")
-    ap.add_argument("--max-draft-len", type=int, default=8, help="γ range searched by --dynamic-exit")
+    ap.add_argument("--max-draft-len", type=int, default=8, help="γ range searched by --dynamic-exit and auto")
+    ap.add_argument("--min-speedup", type=float, default=1.0,
+                    help="auto: draft only when the predicted speedup over autoregressive exceeds this")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -64,14 +71,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="with --dynamic-exit: time a block and the head here and choose (E, γ) by those costs")
     args = ap.parse_args(argv)
     if args.measure_costs and not args.dynamic_exit:
-        ap.error("--measure-costs steers --dynamic-exit: add --dynamic-exit")
+        ap.error("--measure-costs steers --dynamic-exit: add --dynamic-exit (strategy auto measures its own costs)")
     if args.batch_size < 1:
         ap.error(f"--batch-size={args.batch_size} must be >= 1")
     return args
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    """The numeric flags, before anything is loaded: a value given is used as given or refused."""
+    """The strategy and numeric flags, before anything is loaded: a value given is used as given or refused."""
+    if args.strategy not in STRATEGIES:
+        raise ValueError(f"--strategy={args.strategy} is not one of {', '.join(STRATEGIES)}")
+    if (args.adaptive_draft or args.dynamic_exit) and args.strategy != "self_speculative":
+        raise ValueError(f"--adaptive-draft and --dynamic-exit need --strategy self_speculative (not {args.strategy})")
+    if not 0 < args.min_speedup < math.inf:
+        raise ValueError(f"--min-speedup={args.min_speedup} must be a finite number > 0")
     for flag, value, least in (("--exit-layer", args.exit_layer, 1), ("--draft-len", args.draft_len, 1),
                                ("--max-draft-len", args.max_draft_len, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                                ("--top-k", args.top_k, 0)):
@@ -223,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
             eos_id=None if args.no_eos else end_of_text(tokenizer, tokenizer_path), seed=args.seed,
             adaptive_draft=args.adaptive_draft, target_acceptance=args.target_acceptance,
-            dynamic_exit=args.dynamic_exit, max_draft_len=args.max_draft_len, compile=args.compile)
+            dynamic_exit=args.dynamic_exit, max_draft_len=args.max_draft_len, compile=args.compile,
+            min_speedup=args.min_speedup)
         if args.measure_costs:
             opts.costs = measured_costs(model, opts)
         prompt_ids = [tokenizer.encode(p).ids for p in prompts]
@@ -234,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                   "exit_layer": opts.exit_layer if opts.exit_layer is not None else max(1, model.cfg.n_layers // 4),
                   "draft_len": opts.draft_len, "adaptive_draft": opts.adaptive_draft,
                   "dynamic_exit": opts.dynamic_exit, "prompts": len(prompts), **stats.summary()}
+        if stats.auto:
+            chosen = {a["chosen"] for a in stats.auto}
+            report["chosen_strategy"] = chosen.pop() if len(chosen) == 1 else "mixed"
+            report["reason"] = stats.auto[-1]["reason"]
         if opts.costs is not None:
             report["decode_costs"] = {"block_s": list(opts.costs.block), "head_s": list(opts.costs.head),
                                       "step_s": opts.costs.step}

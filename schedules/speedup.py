@@ -77,11 +77,13 @@ def best_draft_config(acceptance_by_exit: dict[int, float], num_layers: int, max
 @dataclass(frozen=True)
 class DecodeCosts:
     """Cost of one block (`block[M-1]`) and of the shared exit head (`head[M-1]`) on M positions of
-    one row, M = 1..max_positions, and of the rest of one forward pass (`step`), in any one unit
-    (seconds when measured)."""
+    each of `batch` rows, M = 1..max_positions, and of the rest of one forward pass (`step`), in
+    any one unit (seconds when measured). Every row of a batch runs every forward, so the formulas
+    below hold for a batch with the costs of its forwards."""
     block: tuple[float, ...]
     head: tuple[float, ...]
     step: float = 0.0
+    batch: int = 1
 
     def __post_init__(self):
         if not self.block or len(self.block) != len(self.head):
@@ -89,6 +91,8 @@ class DecodeCosts:
                              f"got {len(self.block)} and {len(self.head)}")
         if min(self.block) <= 0 or min(self.head) < 0 or self.step < 0:
             raise ValueError(f"DecodeCosts must be positive: block={self.block}, head={self.head}, step={self.step}")
+        if self.batch < 1:
+            raise ValueError(f"DecodeCosts batch={self.batch} must be >= 1")
 
     @classmethod
     def layer_count(cls, max_positions: int) -> "DecodeCosts":

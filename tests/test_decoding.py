@@ -24,9 +24,11 @@ def test_greedy_self_speculative_is_exact_for_every_exit_and_draft_length(model,
 
 
 def test_options_object_and_keywords_agree(model):
-    a = generate(model, PROMPTS, DecodeOptions(exit_layer=3, draft_len=2, max_new_tokens=8))[0]
-    b = generate(model, PROMPTS, exit_layer=3, draft_len=2, max_new_tokens=8)[0]
-    c = generate(model, PROMPTS, DecodeOptions(exit_layer=3, draft_len=5, max_new_tokens=3), draft_len=2,
+    a = generate(model, PROMPTS, DecodeOptions(strategy="self_speculative", exit_layer=3, draft_len=2,
+                                               max_new_tokens=8))[0]
+    b = generate(model, PROMPTS, strategy="self_speculative", exit_layer=3, draft_len=2, max_new_tokens=8)[0]
+    c = generate(model, PROMPTS, DecodeOptions(strategy="self_speculative", exit_layer=3, draft_len=5,
+                                               max_new_tokens=3), draft_len=2,
                  max_new_tokens=8)[0]
     assert a == b == c
     with pytest.raises(TypeError, match="draft_lenn"):
@@ -62,12 +64,12 @@ def test_eos_and_max_new_tokens_end_rows_independently(model, expected):
         assert out[1][-1] == eos and len(out[1]) <= 5
         assert any(len(o) == NEW for o in out)
     for n in (1, 2, 5):  # fewer tokens than a round could give
-        out, _ = generate(model, PROMPTS, exit_layer=2, draft_len=4, max_new_tokens=n)
+        out, _ = generate(model, PROMPTS, strategy="self_speculative", exit_layer=2, draft_len=4, max_new_tokens=n)
         assert out == [e[:n] for e in expected]
 
 
 def test_stats_are_consistent(model):
-    out, stats = generate(model, PROMPTS, exit_layer=2, draft_len=3, max_new_tokens=NEW)
+    out, stats = generate(model, PROMPTS, strategy="self_speculative", exit_layer=2, draft_len=3, max_new_tokens=NEW)
     s = stats.summary()
     assert stats.generated == sum(map(len, out)) and stats.prefill_tokens == len(PROMPTS)
     # every round commits the accepted drafts plus one token of the full model, less what
@@ -83,7 +85,8 @@ def test_stats_are_consistent(model):
 def test_high_acceptance_saves_layer_evaluations():
     strong_exit = make_model(scale=0.01, embed_scale=20)
     L = strong_exit.cfg.n_layers
-    out, stats = generate(strong_exit, PROMPTS, exit_layer=2, draft_len=4, max_new_tokens=24)
+    out, stats = generate(strong_exit, PROMPTS, strategy="self_speculative", exit_layer=2, draft_len=4,
+                          max_new_tokens=24)
     s = stats.summary()
     assert out == [reference_greedy(strong_exit, p, 24) for p in PROMPTS]
     assert s["acceptance"] > 0.8 and s["tokens_per_round"] > 2.5
@@ -92,7 +95,7 @@ def test_high_acceptance_saves_layer_evaluations():
 
 def test_bad_options(model):
     with pytest.raises(ValueError, match="exit_layer=6"):
-        generate(model, PROMPTS, exit_layer=6)
+        generate(model, PROMPTS, strategy="self_speculative", exit_layer=6)
     with pytest.raises(ValueError, match="unknown strategy"):
         generate(model, PROMPTS, strategy="beam")
     with pytest.raises(ValueError, match="positions"):
@@ -100,4 +103,4 @@ def test_bad_options(model):
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1], []])
     with pytest.raises(ValueError, match="draft_len"):
-        generate(model, PROMPTS, draft_len=0)
+        generate(model, PROMPTS, strategy="self_speculative", draft_len=0)

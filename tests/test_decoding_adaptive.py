@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
          target_acceptance=0.6, probe_every=2, probe_window=4),
 ], ids=["adaptive", "adaptive-low-target", "dynamic", "both"])
 def test_options_keep_greedy_output_exact(model, expected, options):
-    out, stats = generate(model, PROMPTS, max_new_tokens=NEW, **options)
+    out, stats = generate(model, PROMPTS, strategy="self_speculative", max_new_tokens=NEW, **options)
     assert out == expected
     if options.get("dynamic_exit"):
         assert len(set(stats.exit_layers)) > 1   # E moved
@@ -56,8 +56,9 @@ def test_adaptive_threshold_tunes_toward_target_per_row():
 
 def test_adaptive_drafts_less_on_a_weak_exit(model):
     # a target above exit 1's acceptance (~0.85 here) raises the threshold: shorter drafts
-    _, fixed = generate(model, PROMPTS, exit_layer=1, draft_len=6, max_new_tokens=24)
-    _, adaptive = generate(model, PROMPTS, exit_layer=1, draft_len=6, max_new_tokens=24, adaptive_draft=True,
+    _, fixed = generate(model, PROMPTS, strategy="self_speculative", exit_layer=1, draft_len=6, max_new_tokens=24)
+    _, adaptive = generate(model, PROMPTS, strategy="self_speculative", exit_layer=1, draft_len=6, max_new_tokens=24,
+                           adaptive_draft=True,
                            draft_threshold=0.3, target_acceptance=0.9)
     assert adaptive.summary()["mean_draft_len"] < fixed.summary()["mean_draft_len"]
     assert adaptive.drafted < fixed.drafted
@@ -81,11 +82,13 @@ def test_dynamic_exit_choice_maximises_expected_tokens_per_layer():
 
 def test_dynamic_exit_moves_toward_cheap_accurate_exit():
     strong_exit = make_model(scale=0.01, embed_scale=20)  # exit 2 is nearly the full model
-    out, stats = generate(strong_exit, [[1, 2, 3], [7, 8]], exit_layer=5, draft_len=2, max_new_tokens=40,
+    out, stats = generate(strong_exit, [[1, 2, 3], [7, 8]], strategy="self_speculative", exit_layer=5, draft_len=2,
+                          max_new_tokens=40,
                           dynamic_exit=True)
     assert stats.exit_layers[0] == 5 and stats.exit_layers[-1] <= 3
     assert out == [reference_greedy(strong_exit, p, 40) for p in ([1, 2, 3], [7, 8])]
-    _, static = generate(strong_exit, [[1, 2, 3], [7, 8]], exit_layer=5, draft_len=2, max_new_tokens=40)
+    _, static = generate(strong_exit, [[1, 2, 3], [7, 8]], strategy="self_speculative", exit_layer=5, draft_len=2,
+                         max_new_tokens=40)
     assert stats.summary()["layer_evals_per_token"] < static.summary()["layer_evals_per_token"]
 
 

@@ -74,7 +74,8 @@ def test_rows_of_different_lengths_end_and_leave_without_changing_the_text(model
     """max_new_tokens reached by rows at different rounds (ragged acceptance), one row finishing at
     its first token: every row's text is its own."""
     eos = expected[2][0]
-    out, stats = generate(model, PROMPTS, exit_layer=3, draft_len=4, max_new_tokens=NEW, eos_id=eos)
+    out, stats = generate(model, PROMPTS, strategy="self_speculative", exit_layer=3, draft_len=4, max_new_tokens=NEW,
+                          eos_id=eos)
     assert out == [reference_greedy(model, p, NEW, eos=eos) for p in PROMPTS]
     assert out[2] == [eos]
 

@@ -45,7 +45,8 @@ def run(capsys, *argv):
 def test_greedy_generation_prints_text_and_stats(capsys, fake_checkpoint, tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"prompt": "w5 w6 w7"}) + "\n\n" + json.dumps("w9") + "\n")
-    text, report = run(capsys, "--prompt", "w1 w2 w3", "--prompts-file", str(prompts_file), "--exit-layer", "2",
+    text, report = run(capsys, "--prompt", "w1 w2 w3", "--prompts-file", str(prompts_file), "--strategy",
+                       "self_speculative", "--exit-layer", "2",
                        "--draft-len", "3", "--max-new-tokens", "12", "--batch-size", "2", "--measure-speedup",
                        "--no-eos")
     assert report["prompts"] == 3 and report["strategy"] == "self_speculative"
@@ -61,7 +62,8 @@ def test_greedy_generation_prints_text_and_stats(capsys, fake_checkpoint, tmp_pa
 
 @pytest.mark.parametrize("extra", [["--strategy", "early_exit", "--exit-layer", "1"],
                                    ["--strategy", "autoregressive"],
-                                   ["--adaptive-draft", "--dynamic-exit", "--temperature", "0.8", "--top-k", "10",
+                                   ["--strategy", "self_speculative", "--adaptive-draft", "--dynamic-exit",
+                                    "--temperature", "0.8", "--top-k", "10",
                                     "--top-p", "0.9", "--seed", "3"]])
 def test_strategies_and_options(capsys, fake_checkpoint, extra):
     text, report = run(capsys, "--prompt", "w1 w2", "--max-new-tokens", "6", *extra)
@@ -69,8 +71,24 @@ def test_strategies_and_options(capsys, fake_checkpoint, extra):
     assert report["adaptive_draft"] == ("--adaptive-draft" in extra)
 
 
+def test_auto_is_the_default_and_says_what_it_chose_and_why(capsys, fake_checkpoint):
+    text, report = run(capsys, "--prompt", "w1 w2 w3", "--prompt", "w4", "--prompt", "w5 w6", "--max-new-tokens",
+                       "12", "--exit-layer", "2", "--batch-size", "2", "--measure-speedup", "--no-eos")
+    assert report["strategy"] == "auto" and report["identical_to_autoregressive"] is True
+    assert len(report["auto"]) == 2                      # one decision per batch: 2 prompts, then 1
+    first, last = report["auto"]
+    assert [first["costs"]["batch"], last["costs"]["batch"]] == [2, 1]   # measured at each batch size
+    assert report["chosen_strategy"] in {first["chosen"], "mixed"} and report["reason"] == last["reason"]
+    for decision in report["auto"]:
+        assert decision["exit_layer"] == 2 and decision["predicted_speedup"]["autoregressive"] == 1.0
+        assert decision["positions_judged"] > 0 and 0 <= decision["acceptance"] <= 1
+        assert len(decision["costs"]["block_s"]) == 9 and decision["costs"]["step_s"] >= 0
+        assert decision["drafting_rounds"] + decision["autoregressive_steps"] > 0
+
+
 def test_measured_costs_steer_the_dynamic_exit(capsys, fake_checkpoint):
-    text, report = run(capsys, "--prompt", "w1 w2 w3", "--max-new-tokens", "10", "--dynamic-exit",
+    text, report = run(capsys, "--prompt", "w1 w2 w3", "--max-new-tokens", "10", "--strategy", "self_speculative",
+                       "--dynamic-exit",
                        "--max-draft-len", "3", "--measure-costs", "--measure-speedup", "--no-eos")
     costs = report["decode_costs"]
     # γ from 1 to max(draft_len 4 (the default), max_draft_len 3), verified on γ+1 positions
@@ -93,6 +111,10 @@ def test_errors_are_reported(capsys, fake_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--strategy", "fastest"], "error: --strategy=fastest is not one of auto, autoregressive, early_exit, "
+                                "self_speculative"),
+    (["--adaptive-draft"], "error: --adaptive-draft and --dynamic-exit need --strategy self_speculative (not auto)"),
+    (["--min-speedup", "0"], "error: --min-speedup=0.0 must be a finite number > 0"),
     (["--exit-layer", "0"], "error: --exit-layer=0 must be >= 1"),
     (["--strategy", "autoregressive", "--exit-layer", "0"], "error: --exit-layer=0 must be >= 1"),
     (["--draft-len", "0"], "error: --draft-len=0 must be >= 1"),
@@ -137,7 +159,8 @@ def test_tensor_parallel_under_torchrun_prints_the_single_process_output(capsys,
     from pretrain import hf_interop as hf
     hf.save_hf_checkpoint(make_model(), tmp_path / "hf", tokenizer_file=tokenizer_file, eos_token_id=0)
     argv = ["--checkpoint", str(tmp_path / "hf"), "--prompt", "w1 w2 w3", "--prompt", "w7", "--max-new-tokens",
-            "10", "--exit-layer", "2", "--draft-len", "3", "--no-eos", "--device", "cpu"]
+            "10", "--strategy", "self_speculative", "--exit-layer", "2", "--draft-len", "3", "--no-eos", "--device",
+            "cpu"]
     assert cli.main(argv) == 0
     single = capsys.readouterr().out.strip().splitlines()
     parallel = torchrun_stdout(2, ["-m", "pretrain.generate", *argv]).strip().splitlines()

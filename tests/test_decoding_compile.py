@@ -13,8 +13,8 @@ from pretrain.decoding.compiled import compile_blocks_for_decoding
 from builders import make_model
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12]]
-SETTINGS = [dict(strategy="autoregressive"), dict(exit_layer=2, draft_len=3),
-            dict(exit_layer=3, draft_len=1, temperature=0.9, top_p=0.95, seed=5)]
+SETTINGS = [dict(strategy="autoregressive"), dict(strategy="self_speculative", exit_layer=2, draft_len=3),
+            dict(strategy="self_speculative", exit_layer=3, draft_len=1, temperature=0.9, top_p=0.95, seed=5)]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,12 @@ def test_rows_leaving_the_batch_under_compiled_blocks(models):
     """A row ending at its first token and one ending mid-way leave the batch: the compiled blocks
     then run on fewer rows (views of the same static cache storage) and give the eager tokens."""
     eager, compiled = models
-    first, _ = generate(eager, PROMPTS, max_new_tokens=16, exit_layer=2, draft_len=3)
+    first, _ = generate(eager, PROMPTS, max_new_tokens=16, strategy="self_speculative", exit_layer=2, draft_len=3)
     for eos in (first[2][0], first[0][5]):
-        expected, _ = generate(eager, PROMPTS, max_new_tokens=16, exit_layer=2, draft_len=3, eos_id=eos)
-        got, _ = generate(compiled, PROMPTS, max_new_tokens=16, exit_layer=2, draft_len=3, eos_id=eos,
+        expected, _ = generate(eager, PROMPTS, max_new_tokens=16, strategy="self_speculative", exit_layer=2,
+                               draft_len=3, eos_id=eos)
+        got, _ = generate(compiled, PROMPTS, max_new_tokens=16, strategy="self_speculative", exit_layer=2,
+                          draft_len=3, eos_id=eos,
                           compile="default", compile_backend="aot_eager")
         assert got == expected and min(map(len, got)) < 16
 

@@ -41,7 +41,8 @@ def test_round_cost_counts_what_the_decoder_runs(model, monkeypatch):
     monkeypatch.setattr(BlockRunner, "head", priced_head)
     monkeypatch.setattr(BlockRunner, "crop_to_committed", end_of_round)
     E, gamma, L = 2, 3, model.cfg.n_layers
-    _, stats = generate(model, PROMPTS[:1], exit_layer=E, draft_len=gamma, max_new_tokens=NEW)
+    _, stats = generate(model, PROMPTS[:1], strategy="self_speculative", exit_layer=E, draft_len=gamma,
+                        max_new_tokens=NEW)
     per_round = rounds[1:]  # the first is the prefill
     assert len(per_round) == len(stats.draft_lens)
     full = [c for c, g in zip(per_round, stats.draft_lens) if g == gamma]
@@ -83,11 +84,11 @@ def test_costs_steer_the_dynamic_exit_toward_short_drafts():
 
 def test_dynamic_exit_with_measured_costs_keeps_greedy_output_exact(model, expected):
     costs = measure_decode_costs(model, max_positions=5, context=8, repeats=2, warmup=1)
-    out, stats = generate(model, PROMPTS, exit_layer=4, draft_len=2, max_new_tokens=NEW, dynamic_exit=True,
-                          max_draft_len=4, probe_every=1, costs=costs)
+    out, stats = generate(model, PROMPTS, strategy="self_speculative", exit_layer=4, draft_len=2, max_new_tokens=NEW,
+                          dynamic_exit=True, max_draft_len=4, probe_every=1, costs=costs)
     assert out == expected
     assert stats.rounds > 0
     with pytest.raises(ValueError, match="costs only steer the dynamic exit"):
-        generate(model, PROMPTS, max_new_tokens=4, costs=costs)
+        generate(model, PROMPTS, strategy="self_speculative", max_new_tokens=4, costs=costs)
     with pytest.raises(ValueError, match="max_draft_len=8 need 9"):
-        generate(model, PROMPTS, max_new_tokens=4, dynamic_exit=True, costs=costs)
+        generate(model, PROMPTS, strategy="self_speculative", max_new_tokens=4, dynamic_exit=True, costs=costs)

@@ -110,7 +110,8 @@ def test_sampling_matches_full_model_distribution(case):
     counts = torch.zeros_like(probs)
     accepted = rejections = 0
     for seed in range(3):
-        out, stats = generate(model, [prompt] * n, exit_layer=1, draft_len=gamma, max_new_tokens=k + gamma, seed=seed,
+        out, stats = generate(model, [prompt] * n, strategy="self_speculative", exit_layer=1, draft_len=gamma,
+                              max_new_tokens=k + gamma, seed=seed,
                               **options)
         counts += empirical(out, k, vocab)
         accepted, rejections = accepted + stats.accepted, rejections + stats.rejections

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -32,29 +33,32 @@ _STEP_TOKENS = (2, 18)
 
 @torch.no_grad()
 def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: int | None = None,
-                         repeats: int = 15, warmup: int = 3, seed: int = 0) -> DecodeCosts:
-    """Median seconds of one block (all blocks on M positions, divided by L) and of the head with
-    the greedy argmax on M positions, M = 1..max_positions, for one row after `context` cached
+                         repeats: int = 15, warmup: int = 3, seed: int = 0, batch: int = 1) -> DecodeCosts:
+    """Median seconds (CPU seconds on the CPU) of one block (all blocks on M positions, divided by L) and of the head with
+    the greedy argmax on M positions, M = 1..max_positions, for `batch` rows after `context` cached
     tokens of random ids (default: up to 64, what the model's max_seq_len leaves); and the rest of
-    a forward pass: the per-token slope of autoregressive decoding time less L b(1) + h(1)."""
+    a forward pass: the per-token slope of autoregressive decoding time less L b(1) + h(1). A
+    forward of `batch` rows costs more than one of a single row (and not `batch` times as much): the
+    costs of one batch size do not predict another's."""
     cfg = model.cfg
     longest = max(max_positions, _STEP_TOKENS[1])
     if context is None:
         context = min(64, cfg.max_seq_len - longest)
-    if max_positions < 1 or context < 1 or repeats < 1:
-        raise ValueError(f"max_positions={max_positions}, context={context} and repeats={repeats} must be >= 1")
+    if max_positions < 1 or context < 1 or repeats < 1 or batch < 1:
+        raise ValueError(f"max_positions={max_positions}, context={context}, repeats={repeats} and batch={batch} "
+                         "must be >= 1")
     if context + longest > cfg.max_seq_len:
         raise ValueError(f"context={context} + {longest} positions exceeds the model's max_seq_len={cfg.max_seq_len}")
     device = model.tok_embeddings.weight.device
     was_training = model.training
     model.eval()
     try:
-        cache = decoding_cache_type(model).for_model(model, 1, context + max_positions)
+        cache = decoding_cache_type(model).for_model(model, batch, context + max_positions)
         runner = BlockRunner(model, cache, DecodeStats())
         generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(cfg.vocab_size, (1, context + max_positions), generator=generator).to(device)
+        ids = torch.randint(cfg.vocab_size, (batch, context + max_positions), generator=generator).to(device)
         runner.blocks(runner.embed(ids[:, :context]), 0, cfg.n_layers)
-        kept = torch.full((1,), context, dtype=torch.long, device=device)
+        kept = torch.full((batch,), context, dtype=torch.long, device=device)
         block, head = [], []
         for m in range(1, max_positions + 1):
             h = runner.embed(ids[:, context:context + m])
@@ -65,28 +69,59 @@ def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: in
             block.append(_median_seconds(blocks, lambda: cache.crop(kept), device, repeats, warmup) / cfg.n_layers)
             head.append(_median_seconds(lambda h=h: runner.head(h).argmax(-1), lambda: None, device, repeats,
                                         warmup))
-        prompt = [ids[0, :context].tolist()]
-        short, long = (_median_seconds(lambda n=n: generate(model, prompt, strategy="autoregressive",
+        prompts = ids[:, :context].tolist()
+        short, long = (_median_seconds(lambda n=n: generate(model, prompts, strategy="autoregressive",
                                                              max_new_tokens=n), lambda: None, device,
-                                       max(repeats // 3, 1), 1)
+                                       max(repeats // 3, 3), 1)
                        for n in _STEP_TOKENS)
         per_token = (long - short) / (_STEP_TOKENS[1] - _STEP_TOKENS[0])
         step = max(per_token - cfg.n_layers * block[0] - head[0], 0.0)
     finally:
         model.train(was_training)
-    return DecodeCosts(block=tuple(block), head=tuple(head), step=step)
+    return DecodeCosts(block=tuple(block), head=tuple(head), step=step, batch=batch)
+
+
+# model -> {(batch, positions, cache type): costs}: measured once per model and batch size in a process
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_costs_at(model: torch.nn.Module, batch: int, max_positions: int, repeats: int = 5) -> DecodeCosts:
+    """The costs at this batch size, measured on first use and kept for the model's lifetime (a
+    compiled model is measured anew). Under tensor parallelism every rank takes rank 0's timings,
+    so that every rank makes the same choices (diverging ones would desynchronise the collectives)."""
+    key = (batch, max_positions, decoding_cache_type(model).__name__)
+    known = _MEASURED.setdefault(model, {})
+    if key not in known:
+        costs = [measure_decode_costs(model, max_positions, repeats=repeats, warmup=1, batch=batch)]
+        group = _tensor_parallel_group(model)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(costs, src=dist.get_global_rank(group, 0), group=group)
+        known[key] = costs[0]
+    return known[key]
+
+
+def _tensor_parallel_group(model: torch.nn.Module):
+    """The process group a tensor-parallel model's weights are sharded over, or None."""
+    weight = next(iter(model.layers.values())).attention.wk.weight
+    mesh = getattr(weight, "device_mesh", None)
+    return None if mesh is None else mesh.get_group()
 
 
 def _median_seconds(fn: Callable[[], object], reset: Callable[[], None], device: torch.device, repeats: int,
                     warmup: int) -> float:
-    """Median wall time of fn() after the device finished its queued work; reset() runs untimed after each."""
+    """Median time of fn() after the device finished its queued work; reset() runs untimed after each.
+    On the CPU this process's CPU time: the ratios of the costs are what decide, and on a machine
+    shared with other work wall time mostly measures the others (an accelerator: wall time)."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     times = []
     for i in range(warmup + repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         synchronize(device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         reset()
     return statistics.median(times)

@@ -1,17 +1,25 @@
-"""generate(): one entry point for the three strategies.
+"""generate(): one entry point for the strategies.
 
     tokens, stats = generate(model, prompts, strategy="self_speculative", exit_layer=2, draft_len=4,
                              max_new_tokens=64, temperature=0.8, top_p=0.9, eos_id=0)
     tokens, stats = generate(model, prompts, DecodeOptions(...))      # the same, options as one object
+    tokens, stats = generate(model, prompts, exit_layer=2)            # strategy "auto", the default
+
+"auto" (auto_strategy.py) drafts at exit E when the costs measured at this batch size and the
+acceptance it observes predict that drafting pays, and decodes autoregressively when not;
+stats.auto says what it chose and why. Its costs: `costs` if given, else measured on first use for
+this model and batch size (cost_model.decode_costs_at, about a second on a CPU) and kept.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
+from pretrain.decoding.auto_strategy import AutoStrategy, decode_auto
 from pretrain.decoding.compiled import compile_blocks_for_decoding, decoding_cache_type
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.runner import BlockRunner
@@ -22,12 +30,12 @@ from pretrain.decoding.stats import DecodeStats, Timer
 from pretrain.decoding.stepwise import decode_stepwise, prefill
 from schedules.speedup import DecodeCosts
 
-STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
+STRATEGIES = ("auto", "autoregressive", "early_exit", "self_speculative")
 
 
 @dataclass
 class DecodeOptions:
-    strategy: str = "self_speculative"
+    strategy: str = "auto"
     max_new_tokens: int = 64
     exit_layer: int | None = None        # E; default L // 4 (at least 1)
     draft_len: int = 4                   # γ (the cap when adaptive; the start when dynamic)
@@ -38,10 +46,11 @@ class DecodeOptions:
     draft_threshold: float = 0.5         # initial τ of the adaptive draft length
     target_acceptance: float = 0.8
     dynamic_exit: bool = False
-    max_draft_len: int = 8               # γ range searched by the dynamic exit
+    max_draft_len: int = 8               # γ range searched by the dynamic exit and by auto
     probe_every: int = 4                 # dynamic exit: rounds between reads of candidate exits
     probe_window: int = 2                # dynamic exit: candidates within E ± window
-    costs: DecodeCosts | None = None     # dynamic exit: choose by these measured costs, not layer counts
+    costs: DecodeCosts | None = None     # dynamic exit / auto: choose by these costs (auto: measured if None)
+    min_speedup: float = 1.0             # auto: draft only when the predicted speedup exceeds this
     compile: str | None = None           # torch.compile the blocks in place: a mode of COMPILE_MODES
     compile_backend: str = "inductor"
 
@@ -72,11 +81,21 @@ def _validate(opts: DecodeOptions, num_layers: int) -> int:
         raise ValueError(f"max_new_tokens={opts.max_new_tokens} must be >= 1")
     if opts.probe_every < 1 or opts.probe_window < 0:
         raise ValueError(f"probe_every={opts.probe_every} must be >= 1 and probe_window={opts.probe_window} >= 0")
+    auto = opts.strategy == "auto"
+    if auto and (opts.adaptive_draft or opts.dynamic_exit):
+        raise ValueError("strategy auto drafts at a fixed exit with the γ its costs favour: adaptive_draft and "
+                         "dynamic_exit need strategy self_speculative")
+    if not opts.min_speedup > 0:
+        raise ValueError(f"min_speedup={opts.min_speedup} must be > 0")
     if opts.costs is not None:
-        if not opts.dynamic_exit:
-            raise ValueError("costs only steer the dynamic exit: set dynamic_exit=True or leave costs unset")
+        if not (opts.dynamic_exit or auto):
+            raise ValueError("costs only steer the dynamic exit and strategy auto: set dynamic_exit=True, "
+                             "strategy='auto', or leave costs unset")
+        if auto and opts.costs.max_positions < opts.max_draft_len + 1:   # auto drafts γ <= max_draft_len
+            raise ValueError(f"costs are measured up to {opts.costs.max_positions} positions; strategy auto with "
+                             f"max_draft_len={opts.max_draft_len} needs {opts.max_draft_len + 1}")
         longest = max(opts.draft_len, opts.max_draft_len)
-        if opts.costs.max_positions < longest + 1:
+        if not auto and opts.costs.max_positions < longest + 1:
             raise ValueError(f"costs are measured up to {opts.costs.max_positions} positions; draft_len="
                              f"{opts.draft_len} and max_draft_len={opts.max_draft_len} need {longest + 1}")
     return exit_layer
@@ -107,7 +126,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
     was_training = model.training
     model.eval()
     speculative = opts.strategy == "self_speculative"
-    gamma_cap = max(opts.draft_len, opts.max_draft_len if opts.dynamic_exit else 0) if speculative else 0
+    gamma_cap = (max(opts.draft_len, opts.max_draft_len if opts.dynamic_exit else 0) if speculative
+                 else opts.max_draft_len if opts.strategy == "auto" else 0)
     _check_prompts(prompts, model.cfg.vocab_size, opts)
     seqs = Sequences(prompts, opts.max_new_tokens, opts.eos_id, spare=gamma_cap + 1, device=device)
     # the positions decoding runs: the prompt and every new token but the last (never fed back);
@@ -118,6 +138,14 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
                          f"needs {needed} positions, the model allows {model.cfg.max_seq_len} (model.max_seq_len)")
     if opts.compile is not None:
         compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
+    auto, measuring_s = None, 0.0
+    if opts.strategy == "auto":
+        from pretrain.decoding.cost_model import decode_costs_at   # here: the cost model times generate()
+
+        start = time.perf_counter()
+        costs = opts.costs or decode_costs_at(model, seqs.batch, opts.max_draft_len + 1)
+        measuring_s = time.perf_counter() - start
+        auto = AutoStrategy(L, exit_layer, costs, opts.max_draft_len, opts.min_speedup)
     cache_type = decoding_cache_type(model)
     stats = DecodeStats()
     runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), stats)
@@ -133,6 +161,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
                                        window=opts.probe_window, costs=opts.costs) if opts.dynamic_exit else None)
                 decode_self_speculative(runner, seqs, exit_layer, opts.draft_len, opts.sampling, generator,
                                         adaptive, dynamic, gamma_cap)
+            elif auto is not None:
+                decode_auto(runner, seqs, auto, opts.sampling, generator)
+                stats.auto.append({**auto.report(), "cost_measurement_s": measuring_s})
             else:
                 decode_stepwise(runner, seqs, stop, opts.sampling, generator)
     finally:

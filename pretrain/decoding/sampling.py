@@ -83,3 +83,16 @@ def residual_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor,
 def acceptance_probability(draft_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Probability that speculative sampling accepts a token drafted from q: sum_v min(p, q) [...]."""
     return torch.minimum(draft_probs, target_probs).sum(-1)
+
+
+def acceptance_score(exit_logits: torch.Tensor, full_logits: torch.Tensor, sampling: SamplingConfig
+                     ) -> tuple[float, int]:
+    """[N, V] logits of an exit and of the full model at N positions -> (sum over the positions of
+    the probability that a draft from the exit is accepted, N): top-1 agreement when greedy,
+    sum_v min(p_exit, p_full) when sampling. Reads the sum on the host."""
+    if sampling.greedy:
+        score = (exit_logits.argmax(-1) == full_logits.argmax(-1)).sum()
+    else:
+        score = acceptance_probability(probabilities(exit_logits, sampling),
+                                       probabilities(full_logits, sampling)).sum()
+    return float(score), exit_logits.shape[0]

@@ -30,8 +30,8 @@ from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.kv_cache import ExitQueryCache
 from pretrain.decoding.runner import BlockRunner
-from pretrain.decoding.sampling import (SamplingConfig, acceptance_probability, accept_drafts, choose,
-                                        probabilities, residual_sample)
+from pretrain.decoding.sampling import (SamplingConfig, accept_drafts, acceptance_score, choose, probabilities,
+                                        residual_sample)
 from pretrain.decoding.sequences import Sequences, drop_finished_rows
 
 
@@ -139,25 +139,15 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCa
         valid = torch.arange(G + 1, device=device)[None, :] <= n_accepted[:, None]
         if draft_logits:  # the exit in use, from its own drafts
             mask = valid[:, :len(draft_logits)]
-            evidence[E] = _score(torch.stack(draft_logits, 1)[mask], logits[:, :mask.shape[1]][mask], sampling)
+            evidence[E] = acceptance_score(torch.stack(draft_logits, 1)[mask], logits[:, :mask.shape[1]][mask],
+                                           sampling)
         hidden = dict(late_captured)
         hidden.update({e: torch.cat(hs, 1) for e, hs in early_captured.items()})
         for e, states in hidden.items():  # probed exits: the shared head on the captured states
             if rows:
-                evidence[e] = _score(runner.head(states[valid]), logits[valid], sampling)
+                evidence[e] = acceptance_score(runner.head(states[valid]), logits[valid], sampling)
     drop_finished_rows(seqs, runner.cache, queries, adaptive, dynamic)
     return evidence
-
-
-def _score(exit_logits: torch.Tensor, full_logits: torch.Tensor, sampling: SamplingConfig) -> tuple[float, int]:
-    """[N, V] logits of an exit and of the full model at N positions -> (sum over the positions of
-    the probability that a draft from the exit is accepted, N)."""
-    if sampling.greedy:
-        score = (exit_logits.argmax(-1) == full_logits.argmax(-1)).sum()
-    else:
-        score = acceptance_probability(probabilities(exit_logits, sampling),
-                                       probabilities(full_logits, sampling)).sum()
-    return float(score), exit_logits.shape[0]
 
 
 def decode_self_speculative(runner: BlockRunner, seqs: Sequences, exit_layer: int, draft_len: int,

@@ -32,6 +32,7 @@ class DecodeStats:
     wall_s: float = 0.0
     exit_layers: list[int] = field(default_factory=list)   # exit used in each round
     draft_lens: list[int] = field(default_factory=list)    # draft tokens in each round
+    auto: list[dict] = field(default_factory=list)          # strategy auto: its report, per generate() call
 
     @property
     def decoded(self) -> int:
@@ -44,6 +45,7 @@ class DecodeStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.exit_layers += other.exit_layers
         self.draft_lens += other.draft_lens
+        self.auto += other.auto
         return self
 
     def summary(self) -> dict:
@@ -62,6 +64,7 @@ class DecodeStats:
             "wall_s": self.wall_s, "tokens_per_s": self.generated / self.wall_s if self.wall_s else None,
             "mean_exit_layer": sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else None,
             "mean_draft_len": sum(self.draft_lens) / len(self.draft_lens) if self.draft_lens else None,
+            **({"auto": self.auto} if self.auto else {}),
         }
 
 

@@ -19,7 +19,8 @@ def predicted_decoding(acceptance: float, exit_layer: int, draft_len: int, num_l
 
 def measured_decoding(model: torch.nn.Module, prompts: list[list[int]], exit_layer: int, draft_len: int,
                       new_tokens: int) -> dict:
-    _, stats = generate(model, prompts, DecodeOptions(exit_layer=exit_layer, draft_len=draft_len,
+    _, stats = generate(model, prompts, DecodeOptions(strategy="self_speculative", exit_layer=exit_layer,
+                                                      draft_len=draft_len,
                                                       max_new_tokens=new_tokens))
     s = stats.summary()
     return {"acceptance": s["acceptance"], "tokens_per_round": s["tokens_per_round"],

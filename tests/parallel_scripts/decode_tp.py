@@ -18,15 +18,21 @@ from builders import make_model
 from pretrain.decoding import DecodeOptions, generate
 from parallel.mesh import init_process_group, teardown_parallel
 from parallel.tensor_parallel import apply_tensor_parallel_for_decoding
+from schedules.speedup import DecodeCosts
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12], [40, 41, 42, 43]]
 
 CASES = {
     "autoregressive": dict(strategy="autoregressive"),
     "early_exit E=2": dict(strategy="early_exit", exit_layer=2),
-    **{f"self_speculative E={E} g={g}": dict(exit_layer=E, draft_len=g) for E in (1, 2, 4) for g in (1, 3)},
-    "sampling E=2 g=3": dict(exit_layer=2, draft_len=3, temperature=0.9, top_p=0.95, seed=3),
-    "adaptive+dynamic": dict(exit_layer=2, draft_len=3, adaptive_draft=True, dynamic_exit=True),
+    **{f"self_speculative E={E} g={g}": dict(strategy="self_speculative", exit_layer=E, draft_len=g)
+       for E in (1, 2, 4) for g in (1, 3)},
+    "sampling E=2 g=3": dict(strategy="self_speculative", exit_layer=2, draft_len=3, temperature=0.9, top_p=0.95,
+                             seed=3),
+    "adaptive+dynamic": dict(strategy="self_speculative", exit_layer=2, draft_len=3, adaptive_draft=True,
+                             dynamic_exit=True),
+    "auto, layer-count costs": dict(strategy="auto", exit_layer=2, costs=DecodeCosts.layer_count(9)),
+    "auto, measured costs": dict(strategy="auto", exit_layer=2),   # the sharded model's: rank 0's timings
 }
 
 TIED_CASES = ("autoregressive", "self_speculative E=2 g=3")
@@ -45,8 +51,16 @@ def main() -> None:
         # a tied model (vocabulary-sharded embedding = head) on two cases; the untied one on all
         for name, kwargs in CASES.items() if not tie else [(n, CASES[n]) for n in TIED_CASES]:
             options = dict(max_new_tokens=16, **kwargs)
-            expected, expected_stats = generate(single, PROMPTS, **options)
             got, stats = generate(sharded, PROMPTS, **options)
+            if stats.auto and "costs" not in kwargs:
+                # every rank decides with rank 0's costs; the reference then decides with the same
+                costs = stats.auto[0]["costs"]
+                same = [None] * dist.get_world_size()
+                dist.all_gather_object(same, costs)
+                assert all(c == costs for c in same), same
+                options["costs"] = DecodeCosts(tuple(costs["block_s"]), tuple(costs["head_s"]), costs["step_s"],
+                                               costs["batch"])
+            expected, expected_stats = generate(single, PROMPTS, **options)
             if dist.get_rank() == 0:
                 report({"case": f"{name} tie={tie}", "identical": got == expected,
                         "same_acceptance": (stats.accepted, stats.rejections) == (expected_stats.accepted,

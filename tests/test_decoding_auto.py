@@ -1,0 +1,146 @@
+"""strategy="auto": drafts when the measured costs and the observed acceptance say drafting pays,
+decodes autoregressively when not, switches mid-generation, and gives the full model's greedy text
+whatever it does; its report says what it chose and why; bad input is refused."""
+import pytest
+import torch
+from builders import NEW, PROMPTS, make_model, reference_greedy
+
+from pretrain.decoding import DecodeOptions, generate
+from pretrain.decoding.auto_strategy import AutoStrategy
+from pretrain.decoding.self_speculative import speculative_round
+from schedules.speedup import DecodeCosts, expected_speedup_with_costs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# layer counts (a block costs 1 on any number of positions, the head nothing): drafting pays at high α
+PAYS = DecodeCosts.layer_count(9)
+# a block on 2+ positions costs 10 (compute bound): drafting cannot pay even with every draft accepted
+NEVER = DecodeCosts(block=(1.0,) + (10.0,) * 8, head=(0.0,) * 9)
+
+
+def test_controller_decides_from_costs_and_acceptance():
+    auto = AutoStrategy(num_layers=6, exit_layer=2, costs=PAYS, max_draft_len=8, min_evidence=16)
+    assert not auto.never_drafts and auto.strategy == "autoregressive"
+    assert [auto.read_exit_now() for _ in range(3)] == [True] * 3      # reads the exit until it can decide
+    auto.observe(15.0, 8, generated=9)                                  # 8 positions: not enough yet
+    assert auto.strategy == "autoregressive" and not auto.decisions
+    auto.observe(8.0, 8, generated=10)                                  # α ≈ 0.96: drafting pays
+    alpha = auto.acceptance
+    best = max((expected_speedup_with_costs(alpha, g, 2, 6, PAYS), -g) for g in range(1, 9))
+    assert auto.strategy == "self_speculative" and auto.draft_len == -best[1]
+    assert auto.predicted == pytest.approx(best[0]) and auto.predicted > 1
+    for _ in range(30):                                                 # acceptance collapses: back to AR
+        auto.observe(0.0, 8, generated=100)
+    assert auto.strategy == "autoregressive" and auto.predicted < 1 and auto.acceptance < 0.05
+    assert [d["strategy"] for d in auto.decisions] == ["self_speculative", "autoregressive"]
+    assert auto.decisions[0]["after_tokens"] == 10
+    # while decoding autoregressively it reads the exit every recheck_every-th step only
+    assert [auto.read_exit_now() for _ in range(16)].count(True) == 16 // auto.recheck_every
+
+    never = AutoStrategy(num_layers=6, exit_layer=2, costs=NEVER)
+    assert never.never_drafts and never.ceiling < 1 and not never.read_exit_now()
+    assert "cannot pay" in never.report()["reason"]
+
+
+def test_never_drafts_when_costs_say_it_cannot_pay(model, expected):
+    out, stats = generate(model, PROMPTS, exit_layer=2, max_new_tokens=NEW, costs=NEVER)
+    assert out == expected
+    report = stats.auto[0]
+    assert report["chosen"] == "autoregressive" and "cannot pay" in report["reason"]
+    assert stats.drafted == 0 and report["drafting_rounds"] == 0
+    assert stats.head_evals == stats.decoded        # one head per token: the exit was never even read
+    assert report["predicted_speedup"]["self_speculative_if_all_accepted"] < 1
+
+
+def test_drafts_when_it_pays_and_keeps_greedy_output():
+    strong_exit = make_model(scale=0.01, embed_scale=20)     # exit 2 agrees with the full model
+    out, stats = generate(strong_exit, PROMPTS, exit_layer=2, max_new_tokens=24, costs=PAYS)
+    assert out == [reference_greedy(strong_exit, p, 24) for p in PROMPTS]
+    report = stats.auto[0]
+    assert report["chosen"] == "self_speculative" and "it pays" in report["reason"]
+    assert report["acceptance"] > 0.8 and report["predicted_speedup"]["self_speculative"] > 1
+    assert stats.drafted > 0 and report["drafting_rounds"] > 0 and report["autoregressive_steps"] >= 1
+    assert report["decisions"][0]["strategy"] == "self_speculative"
+
+
+@pytest.mark.parametrize("eos_row", [None, 1])
+def test_switching_every_round_gives_the_autoregressive_text(model, expected, monkeypatch, eos_row):
+    """Ragged prompts, rows ending at EOS: flip between drafting (γ cycling 1..3) and plain steps
+    after every round and step; the text is the full model's greedy text."""
+    flips = []
+
+    def flip(self, score, positions, generated):
+        self.strategy = "autoregressive" if self.strategy == "self_speculative" else "self_speculative"
+        self.draft_len = 1 + len(flips) % 3
+        flips.append(self.strategy)
+
+    monkeypatch.setattr(AutoStrategy, "observe", flip)
+    monkeypatch.setattr(AutoStrategy, "read_exit_now", lambda self: True)
+    eos = None if eos_row is None else expected[eos_row][4]
+    out, stats = generate(model, PROMPTS, exit_layer=3, max_new_tokens=NEW, costs=PAYS, eos_id=eos)
+    assert out == [reference_greedy(model, p, NEW, eos=eos) for p in PROMPTS]
+    report = stats.auto[0]
+    assert report["drafting_rounds"] >= 3 and report["autoregressive_steps"] >= 3 and stats.rejections > 0
+    auto_ar, _ = generate(model, PROMPTS, strategy="autoregressive", max_new_tokens=NEW, eos_id=eos)
+    assert out == auto_ar
+
+
+def test_measured_costs_are_of_the_batch_size_and_kept():
+    fresh = make_model(seed=3)
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    reference = [reference_greedy(fresh, p, 10) for p in prompts]
+    out, stats = generate(fresh, prompts, exit_layer=2, max_new_tokens=10, max_draft_len=2)
+    first = stats.auto[0]
+    assert out == reference
+    assert first["costs"]["batch"] == 3 and len(first["costs"]["block_s"]) == 3 and first["cost_measurement_s"] > 0
+    _, again = generate(fresh, prompts, exit_layer=2, max_new_tokens=10, max_draft_len=2)
+    assert again.auto[0]["costs"] == first["costs"]                            # measured once
+    assert again.auto[0]["cost_measurement_s"] < first["cost_measurement_s"] / 10
+    _, single = generate(fresh, prompts[:1], exit_layer=2, max_new_tokens=10, max_draft_len=2)
+    assert single.auto[0]["costs"]["batch"] == 1                               # another batch size: measured anew
+    assert set(first["predicted_speedup"]) == {"autoregressive", "self_speculative",
+                                               "self_speculative_if_all_accepted"}
+
+
+def test_bad_options_are_refused(model):
+    assert DecodeOptions().strategy == "auto"
+    with pytest.raises(ValueError, match="adaptive_draft and dynamic_exit need strategy self_speculative"):
+        generate(model, PROMPTS, adaptive_draft=True)
+    with pytest.raises(ValueError, match="adaptive_draft and dynamic_exit need strategy self_speculative"):
+        generate(model, PROMPTS, dynamic_exit=True)
+    with pytest.raises(ValueError, match="strategy auto with max_draft_len=8 needs 9"):
+        generate(model, PROMPTS, costs=DecodeCosts.layer_count(4))
+    with pytest.raises(ValueError, match="min_speedup=0"):
+        generate(model, PROMPTS, min_speedup=0, costs=PAYS)
+    with pytest.raises(ValueError, match="choose one of auto, autoregressive"):
+        generate(model, PROMPTS, strategy="fastest")
+    with pytest.raises(ValueError, match="exit_layer=6 must be in 1..5"):
+        generate(model, PROMPTS, exit_layer=6, costs=PAYS)
+    with pytest.raises(ValueError, match="batch=0"):
+        DecodeCosts(block=(1.0,), head=(0.0,), batch=0)
+
+
+def test_rows_far_apart_then_plain_steps(monkeypatch):
+    """A long row races ahead while drafting (γ 8, a strong exit) and leaves the batch done; the short
+    row it left behind finishes with plain steps. The cache's host bound on the attended span must
+    follow the rows still decoding, not the one that left (it once overran the cache)."""
+    import pretrain.decoding.auto_strategy as auto_module
+
+    strong_exit = make_model(scale=0.01, embed_scale=20)
+    prompts, new = [list(range(1, 41)), [1]], 40
+    rounds = []
+
+    def spec_then_steps(self, score, positions, generated):
+        self.strategy, self.draft_len = ("self_speculative", 8) if len(rounds) < 5 else ("autoregressive", 8)
+
+    def uneven_round(runner, seqs, *args, **kwargs):
+        rounds.append(seqs.batch)
+        gammas = torch.tensor([8, 0][:seqs.batch]) if seqs.batch == 2 else None
+        return speculative_round(runner, seqs, *args, row_draft_lens=gammas, **kwargs)
+
+    monkeypatch.setattr(AutoStrategy, "observe", spec_then_steps)
+    monkeypatch.setattr(AutoStrategy, "read_exit_now", lambda self: True)
+    monkeypatch.setattr(auto_module, "speculative_round", uneven_round)
+    out, stats = generate(strong_exit, prompts, exit_layer=2, max_new_tokens=new, costs=PAYS)
+    assert out == [reference_greedy(strong_exit, p, new) for p in prompts]
+    assert rounds[0] == 2 and stats.auto[0]["autoregressive_steps"] > 20
