@@ -1,0 +1,25 @@
+"""lm-evaluation-harness's own command line, with the `layerskip` model registered:
+
+    python -m pretrain.lm_eval_cli --model layerskip --model_args checkpoint=runs/demo,exit_layer=4 \\
+        --tasks layerskip_tiny_mc --include_path pretrain/downstream/tasks [any other lm_eval flag]
+
+lm-eval 0.4.13 finds models only in its own registry (no entry-point or plugin discovery), so a
+plain `lm_eval --model layerskip` cannot see ours; this wrapper registers the name, then runs the
+harness's unchanged `lm_eval` command (all its subcommands and flags: run, ls, validate)."""
+from __future__ import annotations
+
+import sys
+
+from pretrain.downstream import register
+
+
+def main() -> None:
+    register()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
