@@ -22,7 +22,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from pretrain.decoding import DecodeStats, SamplingConfig, generate
 from pretrain.device import select_device
@@ -81,6 +81,22 @@ class LayerSkipLM(TemplateLM):
         self.cache = {} if cache is None else cache   # (exit, input, targets) -> (ll, greedy)
         self.decode_stats = DecodeStats()
         self.truncated = 0   # requests whose context was cut (truncate=True)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "LayerSkipLM":
+        """model_args win over the harness's own flags (--batch_size, --device); the harness's default
+        device (an accelerator on any machine) falls back to 'auto' where there is none."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if "device" in extra:
+            try:
+                select_device(str(extra["device"]).split(":")[0])
+            except (ValueError, RuntimeError):
+                extra["device"] = "auto"
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LayerSkipLM":
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # --- what the harness asks of a model
     @property

@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from lm_eval import evaluator
-from lm_eval.tasks import TaskManager, get_task_dict
+from lm_eval.tasks import TaskManager
 
 from pretrain.downstream import LOCAL_TASKS
 from pretrain.downstream.lm import LayerSkipLM
@@ -76,7 +76,7 @@ def run_sweep(source: ModelSource, tasks: Sequence[str], exits: Sequence[int], s
               manager: TaskManager | None = None, limit: int | None = None, batch_size: int = 8,
               truncate: bool = False, progress=print) -> dict:
     manager = manager or task_manager(tasks)
-    task_dict = get_task_dict(list(tasks), manager)
+    task_dict = manager.load(list(tasks))
     cache: dict = {}
     per_exit, info = {}, {}
     for exit_layer in exits:
@@ -100,7 +100,7 @@ def run_sweep(source: ModelSource, tasks: Sequence[str], exits: Sequence[int], s
 def strategy_sweep(source: ModelSource, tasks: list[str], strategies: Sequence[Strategy], manager: TaskManager,
                    info: dict, limit: int | None, batch_size: int, truncate: bool, progress=print) -> dict:
     """The generation tasks decoded with each strategy (autoregressive first: the baseline)."""
-    task_dict = get_task_dict(tasks, manager)
+    task_dict = manager.load(list(tasks))
     ordered = list(dict.fromkeys([Strategy("autoregressive"), *strategies]))
     out: dict[str, dict] = {}
     for strategy in ordered:
