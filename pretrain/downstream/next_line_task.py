@@ -8,10 +8,12 @@ corpus: given a few lines of code, choose the true next line among four drawn fr
 The validation split's token stream (its samples in order) is cut into documents at the
 end-of-text token and decoded; a record takes `context_lines` consecutive lines (ending with a
 newline) as the query, the following line as the answer, and three distractors: other lines of the
-same document, each at least 8 visible characters and different from the answer. Choices are scored
+same document, each at least 8 visible characters and different from the answer (--distractors file),
+or the answer's words reordered (--distractors shuffle: the same tokens, only the order differs). Choices are scored
 as continuations with no separator (target_delimiter ""), so `acc` compares whole-line
 log-likelihoods and `acc_norm` per byte. Writes <out>/<name>.yaml (dataset_path: json, data_files:
-the absolute path of <out>/records.jsonl) and the records; --out must be new or empty (or
+the absolute path of <out>/records.jsonl), <out>/<name>_gen.yaml (the same records as a generation
+task: greedy until the newline, exact match of the line) and the records; --out must be new or empty (or
 --overwrite)."""
 from __future__ import annotations
 
@@ -43,8 +45,33 @@ def held_out_documents(data_dir: str | Path) -> list[str]:
     return [tokenizer.decode([int(t) for t in p if t != eos]) for p in pieces if len(p) > 1]
 
 
-def next_line_records(documents: list[str], records: int, context_lines: int, seed: int) -> list[dict]:
-    """Up to `records` multiple-choice records, spread over the documents (round robin, random order)."""
+def shuffled_lines(line: str, rng: random.Random, count: int = 3) -> list[str] | None:
+    """`count` different reorderings of the line's space-separated words (indentation kept), or None
+    when the line has too few words: the same tokens, only their order is wrong."""
+    indent, words = line[:len(line) - len(line.lstrip())], line.strip().split(" ")
+    if len(words) < 3:
+        return None
+    seen, out = {line}, []
+    for _ in range(50):
+        candidate = indent + " ".join(rng.sample(words, len(words)))
+        if candidate not in seen:
+            seen.add(candidate)
+            out.append(candidate)
+            if len(out) == count:
+                return out
+    return None
+
+
+def distractors_from_file(lines: list[str], answer: str, rng: random.Random) -> list[str] | None:
+    """Three other lines of the same document (at least MIN_CHARS visible characters each)."""
+    pool = sorted({l for l in lines if len(l.strip()) >= MIN_CHARS and l.strip() != answer.strip()})
+    return rng.sample(pool, 3) if len(pool) >= 3 else None
+
+
+def next_line_records(documents: list[str], records: int, context_lines: int, seed: int,
+                      distractors: str = "file") -> list[dict]:
+    """Up to `records` multiple-choice records, spread over the documents (round robin, random order).
+    distractors: 'file' (other lines of the same file) or 'shuffle' (the true line's words reordered)."""
     rng = random.Random(seed)
     per_doc = []
     for text in documents:
@@ -58,14 +85,27 @@ def next_line_records(documents: list[str], records: int, context_lines: int, se
             if not candidates or len(out) >= records:
                 continue
             i = candidates.pop()
-            pool = sorted({l for l in lines if len(l.strip()) >= MIN_CHARS and l.strip() != lines[i].strip()})
-            if len(pool) < 3:
+            choices = (shuffled_lines(lines[i], rng) if distractors == "shuffle"
+                       else distractors_from_file(lines, lines[i], rng))
+            if choices is None:
                 continue
-            choices = rng.sample(pool, 3)
             gold = rng.randrange(4)
             choices.insert(gold, lines[i])
-            out.append({"query": "\n".join(lines[i - context_lines:i]) + "\n", "choices": choices, "gold": gold})
+            out.append({"query": "\n".join(lines[i - context_lines:i]) + "\n", "choices": choices, "gold": gold,
+                        "answer": lines[i]})
     return out
+
+
+def generation_yaml(name: str, records_path: Path) -> str:
+    """The same records as a generation task: greedy until the newline, exact match of the line."""
+    return "\n".join([
+        "# Built by python -m pretrain.downstream.next_line_task: generate the next line of held-out code.",
+        f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+        f"    test: {json.dumps(str(records_path.resolve()))}", "test_split: test", "output_type: generate_until",
+        "doc_to_text: query", "doc_to_target: answer", "generation_kwargs:", '  until: ["\\n"]',
+        "  max_gen_toks: 32", "  do_sample: false", "metric_list:", "  - metric: exact_match",
+        "    aggregation: mean", "    higher_is_better: true", '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]',
+        "metadata:", "  version: 1.0", ""])
 
 
 def task_yaml(name: str, records_path: Path) -> str:
@@ -78,13 +118,14 @@ def task_yaml(name: str, records_path: Path) -> str:
         "  - metric: acc_norm", "    aggregation: mean", "    higher_is_better: true", "metadata:", "  version: 1.0", ""])
 
 
-def build(data_dir: str, out: str, records: int, context_lines: int, seed: int, name: str, overwrite: bool) -> Path:
+def build(data_dir: str, out: str, records: int, context_lines: int, seed: int, name: str, overwrite: bool,
+          distractors: str = "file") -> Path:
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace it")
     if records < 1 or context_lines < 1:
         raise ValueError(f"--records={records} and --context-lines={context_lines} must be >= 1")
-    rows = next_line_records(held_out_documents(data_dir), records, context_lines, seed)
+    rows = next_line_records(held_out_documents(data_dir), records, context_lines, seed, distractors)
     if not rows:
         raise ValueError(f"{data_dir}: the held-out documents give no record (too few lines of >= {MIN_CHARS} characters)")
     tmp = out_dir.with_name(f".{out_dir.name}.building")
@@ -92,10 +133,11 @@ def build(data_dir: str, out: str, records: int, context_lines: int, seed: int, 
     tmp.mkdir(parents=True)
     (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / f"{name}.yaml").write_text(task_yaml(name, out_dir / "records.jsonl"))
+    (tmp / f"{name}_gen.yaml").write_text(generation_yaml(f"{name}_gen", out_dir / "records.jsonl"))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    print(f"wrote {len(rows)} records and task {name!r} to {out_dir}")
+    print(f"wrote {len(rows)} records and tasks {name!r} (multiple choice), {name + '_gen'!r} (generation) to {out_dir}")
     return out_dir
 
 
@@ -107,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-lines", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="stdlib_next_line")
+    ap.add_argument("--distractors", choices=("file", "shuffle"), default="file",
+                    help="file: three other lines of the same file; shuffle: the true line's words reordered")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     try:
-        build(args.data_dir, args.out, args.records, args.context_lines, args.seed, args.name, args.overwrite)
+        build(args.data_dir, args.out, args.records, args.context_lines, args.seed, args.name, args.overwrite,
+              args.distractors)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
