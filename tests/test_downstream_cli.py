@@ -62,3 +62,22 @@ def test_unknown_task_one_line_exit_2(run_dir):
     proc = _cli("--checkpoint", str(run_dir), "--tasks", "layerskip_tiny_mc,hellaswagg", module="pretrain.eval")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown task 'hellaswagg'; did you mean hellaswag")
+
+
+def test_tensor_parallel_evaluation_equals_one_process(run_dir, tmp_path):
+    """torchrun with 2 processes (heads, ffn and vocabulary split): the same per-exit accuracies and
+    perplexities as one process, and the same self-speculative acceptance."""
+    args = ["--checkpoint", str(run_dir), "--tasks", "layerskip_tiny_mc,layerskip_tiny_ppl,layerskip_tiny_gen",
+            "--exits", "2,all", "--strategies", "self_speculative:1:3", "--limit", "8", "--wandb", "disabled"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pretrain.eval",
+                           *args, "--out", str(tmp_path / "tp.json")], env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _cli(*args, "--out", str(tmp_path / "one.json"), module="pretrain.eval").returncode == 0
+    tp, one = (json.loads((tmp_path / f).read_text())["downstream"] for f in ("tp.json", "one.json"))
+    for exit_layer in ("2", "4"):
+        assert tp["exits"][exit_layer]["layerskip_tiny_mc"]["value"] == one["exits"][exit_layer]["layerskip_tiny_mc"]["value"]
+        assert tp["exits"][exit_layer]["layerskip_tiny_ppl"]["value"] == pytest.approx(
+            one["exits"][exit_layer]["layerskip_tiny_ppl"]["value"], rel=1e-5)
+    spec = "self_speculative:1:3"
+    assert tp["strategies"][spec]["acceptance"] == one["strategies"][spec]["acceptance"] > 0
+    assert proc.stdout.count("exit 2:") == 1   # rank 0 alone reports

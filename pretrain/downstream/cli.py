@@ -96,11 +96,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--tasks names no task")
         manager = task_manager(tasks, args.include_path)
         source.prepare = _shard_under_torchrun(device)
-        result = run_sweep(source, tasks, exits, strategies, manager, args.limit, args.batch_size, args.truncate)
+        printing = int(os.environ.get("RANK", "0")) == 0
+        result = run_sweep(source, tasks, exits, strategies, manager, args.limit, args.batch_size, args.truncate,
+                           progress=print if printing else (lambda line: None))
     except (ValueError, FileNotFoundError, RequestTooLong) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not printing:
         return 0
     result.update(checkpoint=args.checkpoint, exits_requested=args.exits)
     print(format_report(result))
