@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo-data demo test test-compile test-slurm slurm-up slurm-down bench bench-decoding bench-data ablation gpu-check clean
+.PHONY: setup demo-data demo test test-compile test-harness-cli test-slurm slurm-up slurm-down bench bench-decoding bench-data ablation gpu-check clean
 
 # A virtual environment with torch pinned first (the CPU wheel; an unpinned torch pulls CUDA builds).
 $(VENV)/.installed: pyproject.toml
@@ -31,6 +31,11 @@ test: setup
 # torch.compile at every parallel layout with inductor (README: Compile); ~15-20 min on 2 cores.
 test-compile: setup
 	LAYERSKIP_COMPILE_TESTS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests/test_compile_layouts.py
+
+# lm-evaluation-harness's own command line with --model layerskip, and unknown task names: each run
+# indexes the harness's thousands of task files (about a minute on a busy 2-core machine).
+test-harness-cli: setup
+	LAYERSKIP_HARNESS_CLI_TESTS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests/test_downstream_cli.py
 
 # Tests through a real Slurm (root, Debian): installs slurmctld/slurmd/slurm-client/munge if missing,
 # starts a two-node cluster on this machine, runs launch/slurm.sbatch jobs, tears the cluster down.

@@ -116,6 +116,10 @@ class EvalConfig:
     decode_prompts: int = 4       # held-out prompts decoded at the best (E, γ); 0 = skip
     decode_prompt_len: int = 32
     decode_new_tokens: int = 32
+    # downstream tasks (lm-evaluation-harness, pretrain/downstream) at every exit at each evaluation; [] = off
+    tasks: List[str] = field(default_factory=list)
+    tasks_limit: int = 64             # documents per task
+    tasks_include: Optional[str] = None  # a directory of task YAMLs, beside the repository's local tasks
 
 
 @dataclass
@@ -271,6 +275,7 @@ def validate(cfg: RunConfig) -> None:
     validate_operations(cfg)
     for key in ("batches", "batch_size", "max_draft_len"):
         _require(getattr(ev, key) >= 1, f"eval.{key}", getattr(ev, key), "must be >= 1")
+    _require(ev.tasks_limit >= 1, "eval.tasks_limit", ev.tasks_limit, "must be >= 1")
     for key in ("decode_prompts", "decode_prompt_len", "decode_new_tokens"):
         _require(getattr(ev, key) >= 0, f"eval.{key}", getattr(ev, key), "must be >= 0")
     validate_data(cfg.data)

@@ -6,7 +6,11 @@ Prints per exit the held-out loss, perplexity, top-1 agreement with the final la
 expected self-speculative speedup, then decodes a few held-out prompts at the best (E, γ) and
 shows measured next to predicted acceptance; writes the same as JSON (default: <run_dir>/eval.json).
 --plot also draws the per-exit figure (loss and agreement per exit; default <run_dir>/plots/per_exit.png;
-needs matplotlib, the `plot` extra)."""
+needs matplotlib, the `plot` extra).
+
+With --tasks: downstream tasks per exit and decoding strategy through lm-evaluation-harness instead
+(python -m pretrain.eval --checkpoint runs/demo --tasks arc_easy --exits 2,4,all; see
+pretrain/downstream/cli.py and `python -m pretrain.eval --tasks x --help`)."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +84,11 @@ def run_data_dirs(run_cfg) -> set[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--tasks" or a.startswith("--tasks=") for a in argv):
+        from pretrain.downstream.cli import main as downstream_main
+
+        return downstream_main(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_N")
     parser.add_argument("--data-dir", help="prepared data (default: the run's data.dir, or each of its "

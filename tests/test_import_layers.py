@@ -14,10 +14,12 @@ LAYERS = [  # lowest first
     {"pretrain.layerskip", "pretrain.data", "pretrain.decoding", "pretrain.checkpoint"},
     {"pretrain.hf_interop", "pretrain.evaluation"},  # hf_interop reads/writes beside checkpoint, not under it
     {"pretrain.model_loading", "pretrain.metrics"},  # our checkpoints or HF directories; logs (eval media)
+    {"pretrain.downstream"},                         # lm-evaluation-harness model, task sweeps, report
     {"pretrain.operations"},                         # run lock, signals, guard, watchdog (pretrain/operations)
     {"pretrain.trainer"},
     {"pretrain.plan"},                               # the cluster simulator: runs the trainer on fake devices
-    {"pretrain.train", "pretrain.eval", "pretrain.generate", "pretrain.hf_interop.__main__"},  # entry points
+    {"pretrain.train", "pretrain.eval", "pretrain.generate", "pretrain.hf_interop.__main__",
+     "pretrain.lm_eval_cli"},  # entry points
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 

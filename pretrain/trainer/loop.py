@@ -20,6 +20,7 @@ from pretrain.data.sources import source_list
 from pretrain.device import peak_memory_bytes, synchronize
 from pretrain.evaluation.early_exit_eval import format_eval_table
 from pretrain.evaluation.evaluate import evaluate
+from pretrain.downstream.training import downstream_at_evaluation
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
 from pretrain.files import write_atomic
@@ -79,6 +80,7 @@ def evaluate_on_main(cfg: RunConfig, trainer: Trainer, val: dict[str, PackedData
     result = {}
     if model is not None:
         result = {**evaluate(model, val, trainer.dims.device, cfg.eval), "step": step}
+        result.update(downstream_at_evaluation(model, cfg, step, logger))   # eval.tasks (off by default)
         logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
                     "best": result.get("best", {}), "decoding": result.get("decoding", {}),
                     "sources": result.get("sources", {})}, kind="eval")

@@ -1,0 +1,198 @@
+"""Downstream evaluation through lm-evaluation-harness (pretrain/downstream), offline on the local
+tasks shipped in pretrain/downstream/tasks: the `layerskip` model against the harness's own HF
+backend on an export of the same checkpoint, per-exit scores against an independent forward, every
+decoding strategy against autoregressive decoding, both command lines, and bad input."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from downstream_fixtures import LAYERS, MAX_LEN, build_checkpoints  # noqa: E402
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from pretrain.downstream import LOCAL_TASKS, register  # noqa: E402
+from pretrain.downstream.source import ModelSource  # noqa: E402
+from pretrain.downstream.strategies import parse_strategy  # noqa: E402
+from pretrain.downstream.sweep import run_sweep  # noqa: E402
+
+TASKS = ["layerskip_tiny_mc", "layerskip_tiny_gen", "layerskip_tiny_ppl"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(prepared_data, tmp_path_factory, one_thread):
+    return build_checkpoints(prepared_data, tmp_path_factory.mktemp("downstream"))
+
+
+def _manager():
+    return TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+
+
+def _samples(model, model_args, limit=None):
+    register()
+    out = simple_evaluate(model=model, model_args=model_args, tasks=TASKS, task_manager=_manager(), limit=limit,
+                          log_samples=True, bootstrap_iters=0, batch_size=3)
+    return out["results"], out["samples"]
+
+
+@pytest.fixture(scope="module")
+def harness_runs(checkpoints):
+    pytest.importorskip("accelerate")   # the harness's HF backend needs it (the dev extra has it)
+    run, export = checkpoints
+    ours = _samples("layerskip", f"checkpoint={run},device=cpu")
+    hf = _samples("hf", f"pretrained={export},dtype=float32,device=cpu")
+    return ours, hf
+
+
+def test_loglikelihoods_match_the_harness_hf_backend(harness_runs):
+    """Every request of the multiple-choice and rolling tasks: our last exit vs transformers on the
+    export, 1e-4 relative; the same accuracies, and the same greedy strings."""
+    (our_results, ours), (hf_results, hf) = harness_runs
+    compared = 0
+    for task in ("layerskip_tiny_mc", "layerskip_tiny_ppl"):
+        assert len(ours[task]) == len(hf[task]) > 0
+        for a, b in zip(sorted(ours[task], key=lambda s: s["doc_id"]), sorted(hf[task], key=lambda s: s["doc_id"])):
+            for ra, rb in zip(a["resps"], b["resps"]):
+                la, lb = (ra[0][0], rb[0][0]) if task == "layerskip_tiny_mc" else (ra[0], rb[0])
+                assert math.isclose(la, lb, rel_tol=1e-4), (task, a["doc_id"], la, lb)
+                if task == "layerskip_tiny_mc":
+                    assert ra[0][1] == rb[0][1]
+                compared += 1
+    assert compared == 24 * 4 + 8
+    assert our_results["layerskip_tiny_mc"]["acc,none"] == hf_results["layerskip_tiny_mc"]["acc,none"]
+    assert our_results["layerskip_tiny_ppl"]["word_perplexity,none"] == pytest.approx(
+        hf_results["layerskip_tiny_ppl"]["word_perplexity,none"], rel=1e-4)
+    gen = lambda samples: [s["resps"][0][0] for s in sorted(samples["layerskip_tiny_gen"], key=lambda s: s["doc_id"])]  # noqa: E731
+    assert gen(ours) == gen(hf)
+    assert any(gen(ours)), "every generation empty: the comparison would be vacuous"
+
+
+def test_scores_at_every_exit_equal_an_independent_forward(checkpoints):
+    """The sweep's shared forward (all exits at once, batches with right padding) gives, at every
+    exit E, what model.logits(tokens, exit_layer=E) gives for one unpadded request."""
+    from pretrain.downstream.lm import LayerSkipLM
+
+    run, _ = checkpoints
+    source = ModelSource.open(run, torch.device("cpu"))
+    cache = {}
+    texts = [("def main(", "):\n    pass"), ("import", " os"), ("x = [1, 2", ", 3]"), ("class A", "(object):")]
+    for exit_layer in range(1, LAYERS + 1):
+        lm = LayerSkipLM(source=source, exit_layer=exit_layer, exits=list(range(1, LAYERS + 1)), cache=cache,
+                         batch_size=3)
+        requests = [((c, x), *lm._encode_pair(c, x)) for c, x in texts]
+        got = lm._loglikelihood_tokens(requests)
+        for (_, ctx, cont), (ll, greedy) in zip(requests, got):
+            tokens = torch.tensor([ctx + cont[:-1]])
+            logp = torch.log_softmax(source.model.logits(tokens, exit_layer=exit_layer)[0, -len(cont):].double(), -1)
+            want = logp.gather(1, torch.tensor(cont)[:, None]).sum().item()
+            assert ll == pytest.approx(want, rel=1e-5, abs=1e-5)
+            assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+    assert len({k[0] for k in cache}) == LAYERS   # every exit filled by the first sweep's forwards
+
+
+def test_strategy_sweep_greedy_speculative_strings_equal_autoregressive(checkpoints):
+    """Every strategy on the generation task: the speculative ones reproduce the autoregressive
+    metric (their strings are the same), report acceptance and a speedup; early exit is its own."""
+    run, _ = checkpoints
+    source = ModelSource.open(run, torch.device("cpu"))
+    strategies = [parse_strategy(s, LAYERS) for s in ("self_speculative:1:3", "adaptive:2:4", "dynamic:1:2",
+                                                       "early_exit:2")]
+    result = run_sweep(source, ["layerskip_tiny_gen", "layerskip_tiny_mc"], [2, LAYERS], strategies,
+                       limit=12, batch_size=4, progress=lambda line: None)
+    rows = result["strategies"]
+    assert list(rows) == ["autoregressive", "self_speculative:1:3", "adaptive:2:4", "dynamic:1:2", "early_exit:2"]
+    base = rows["autoregressive"]["tasks"]["layerskip_tiny_gen"]["value"]
+    for label in ("self_speculative:1:3", "adaptive:2:4", "dynamic:1:2"):
+        assert rows[label]["tasks"]["layerskip_tiny_gen"]["value"] == base
+        assert 0 < rows[label]["acceptance"] <= 1 and rows[label]["speedup"] > 0
+    assert rows["autoregressive"]["speedup"] == 1.0 and rows["early_exit:2"]["acceptance"] is None
+    # the exit sweep's generation at exit 2 is early_exit:2's
+    assert result["exits"][2]["layerskip_tiny_gen"]["value"] == rows["early_exit:2"]["tasks"]["layerskip_tiny_gen"]["value"]
+
+
+def test_speculative_strings_equal_autoregressive_per_request(checkpoints):
+    from lm_eval.api.instance import Instance
+
+    from pretrain.downstream.lm import LayerSkipLM
+
+    run, _ = checkpoints
+    source = ModelSource.open(run, torch.device("cpu"))
+    prompts = ["def main(", "import os\nimport", "class Foo(object):\n    def __init__(self", "for i in range("]
+    requests = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 20, "do_sample": False}), i,
+                         metadata=("t", i, 1)) for i, p in enumerate(prompts)]
+    outs = {spec: LayerSkipLM(source=source, strategy=spec, batch_size=3).generate_until(requests)
+            for spec in ("autoregressive", "self_speculative:1:3", "self_speculative:2:5", "dynamic:1:2")}
+    assert all(out == outs["autoregressive"] for out in outs.values()), outs
+    assert sum(len(s) for s in outs["autoregressive"]) > 20
+
+
+def test_pretrain_eval_tasks_writes_table_eval_json_and_figure(checkpoints, capsys):
+    from pretrain.eval import main
+
+    run, _ = checkpoints
+    (run / "eval.json").write_text(json.dumps({"exits": {"1": {"loss": 1.0}}, "step": 3}))
+    args = ["--checkpoint", str(run), "--tasks", "layerskip_tiny_mc,layerskip_tiny_gen", "--exits", "1,all",
+            "--limit", "6", "--strategies", "self_speculative:1:2", "--plot", "--wandb", "disabled"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "layerskip_tiny_mc (acc)" in out and "self_speculative:1:2" in out and "4 (last)" in out
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["step"] == 3 and saved["exits"] == {"1": {"loss": 1.0}}   # the other keys kept
+    downstream = saved["downstream"]
+    assert set(downstream["exits"]) == {"1", "4"}
+    mc = downstream["exits"]["4"]["layerskip_tiny_mc"]
+    assert mc["metric"] == "acc,none" and 0 <= mc["value"] <= 1
+    assert mc["stderr"] == pytest.approx(math.sqrt(mc["value"] * (1 - mc["value"]) / (6 - 1)))  # sample std / √n
+    assert (run / "plots" / "downstream.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exits", "0,2"], "exit '0' is not in 1..4"),
+    (["--exits", "5"], "exit '5' is not in 1..4"),
+    (["--strategies", "self_speculative:4:2"], "draft exit 4 must be in 1..3"),
+    (["--strategies", "medusa"], "unknown strategy 'medusa'"),
+    (["--include-path", "/nonexistent/tasks"], "is not a directory"),
+])
+def test_bad_input_one_line_exit_2_before_loading(checkpoints, capsys, monkeypatch, args, message):
+    from pretrain.downstream import source as source_module
+    from pretrain.eval import main
+
+    monkeypatch.setattr(source_module, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    run, _ = checkpoints
+    assert main(["--checkpoint", str(run), "--tasks", "layerskip_tiny_mc", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_task_needing_more_context_than_the_model_has(checkpoints, capsys, monkeypatch, tmp_path):
+    """A generation task asking for more new tokens than the model has positions, and a multiple-choice
+    task with a context longer than them: one line, exit 2, no model loaded; --truncate accepts the latter."""
+    from pretrain.downstream import source as source_module
+    from pretrain.eval import main
+
+    run, _ = checkpoints
+    for name, text in (("long_gen", (LOCAL_TASKS / "layerskip_tiny_gen.yaml").read_text()
+                        .replace("max_gen_toks: 12", f"max_gen_toks: {MAX_LEN + 1}")),
+                       ("long_mc", (LOCAL_TASKS / "layerskip_tiny_mc.yaml").read_text()
+                        .replace('doc_to_text: "{{query}}"', 'doc_to_text: "{{query * 60}}"'))):
+        (tmp_path / f"{name}.yaml").write_text(text.replace("task: layerskip_tiny_", f"task: {name}_")
+                                               .replace("!function local_json.load", "!function loader.load"))
+    (tmp_path / "loader.py").write_text((LOCAL_TASKS / "local_json.py").read_text().replace(
+        'HERE = Path(__file__).resolve().parent', f'HERE = Path({str(LOCAL_TASKS)!r})'))
+    loaded = []
+    real = source_module.load_model
+    monkeypatch.setattr(source_module, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    common = ["--checkpoint", str(run), "--include-path", str(tmp_path), "--limit", "4", "--wandb", "disabled",
+              "--out", str(tmp_path / "eval.json")]
+    assert main([*common, "--tasks", "long_gen_gen"]) == 2
+    assert "max_gen_toks=65 new tokens do not fit the model's 64 positions" in capsys.readouterr().err
+    assert main([*common, "--tasks", "long_mc_mc"]) == 2
+    err = capsys.readouterr().err
+    assert "task long_mc_mc: a request needs" in err and "--truncate" in err and not loaded
+    assert main([*common, "--tasks", "long_mc_mc", "--truncate"]) == 0 and loaded
