@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # lowest first
-    {"schedules", "pretrain.device"},
+    {"schedules", "pretrain.device", "pretrain.cli_overrides"},  # cli_overrides: pure argument parsing
     {"pretrain.model"},
     {"parallel"},                                   # never imports the config or the trainer
     {"pretrain.config"},
