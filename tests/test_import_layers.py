@@ -16,7 +16,8 @@ LAYERS = [  # lowest first
     {"pretrain.model_loading", "pretrain.metrics"},  # our checkpoints or HF directories; logs (eval media)
     {"pretrain.operations"},                         # run lock, signals, guard, watchdog (pretrain/operations)
     {"pretrain.trainer"},
-    {"pretrain.train", "pretrain.eval", "pretrain.generate", "pretrain.hf_interop.__main__"},  # entry points
+    {"pretrain.train", "pretrain.eval", "pretrain.generate", "pretrain.hf_interop.__main__"},
+    {"pretrain.demo"},  # make demo: runs pretrain.train  # entry points
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
