@@ -51,6 +51,7 @@ def test_make_demo_works_every_time_it_is_typed(fresh_clone):
     lines = first.stdout.strip().splitlines()
     assert "demo: a new run in runs/demo (4 steps)" in lines
     assert first.stdout.count("best self-speculative config") == 1  # the per-exit table once
+    assert first.stdout.count("run runs/demo: starts from scratch") == 1  # the start-up summary
     assert lines[-1].startswith("demo done: steps 0->4 of 4 in ") and "run dir runs/demo" in lines[-1]
     command = shlex.split(lines[-1].split("try: ", 1)[1])
     assert command[:3] == [".venv/bin/python", "-m", "pretrain.generate"]
@@ -90,7 +91,7 @@ def test_make_demo_again_starts_over_resumes_or_refuses(fresh_clone, monkeypatch
     assert code == 0 and "demo paused (`make demo` continues from step 2)" in out, out
     code, out = demo_in_process(fresh_clone, monkeypatch, capsys)
     assert code == 0 and out.startswith("demo: resuming the interrupted demo in runs/demo from step 2 of 4"), out
-    assert "demo done: steps 2->4 of 4" in out
+    assert "demo done: steps 2->4 of 4" in out and "run runs/demo: resumes from " in out
 
     # a run the demo did not start (other overrides recorded): refused with one line, nothing touched
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
