@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from pretrain.checkpoint.inference import resolve_checkpoint
+from pretrain.checkpoint.inference import model_config_of_checkpoint
+from pretrain.evaluation.eval_inputs import EvalInputError, eval_target, validation_data
 from pretrain.model_loading import load_model
-from pretrain.data.dataset import PackedDataset
-from pretrain.data.sources import validation_sets
 from pretrain.config import EvalConfig
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import format_eval_table
@@ -45,33 +43,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        ckpt = resolve_checkpoint(args.checkpoint)
+        target = eval_target(args.checkpoint)
+        ckpt = target.checkpoint
         if args.plot is not None:  # fail before the evaluation, not after it
             import matplotlib  # noqa: F401
-    except FileNotFoundError as err:
+        val = validation_data(target, args.data_dir, model_config_of_checkpoint(ckpt).vocab_size)
+    except EvalInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ImportError:
         print("error: --plot needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
         return 2
-    run_cfg = OmegaConf.load(ckpt / "config.yaml")
+    print(f"evaluating {target.describe()}", flush=True)
     device = select_device(args.device)
     model, _ = load_model(ckpt, device=device)
-    val = PackedDataset(args.data_dir, "val") if args.data_dir else validation_sets(run_cfg.data)
     cfg = EvalConfig(batches=args.batches, batch_size=args.batch_size, max_draft_len=args.max_draft_len,
                      decode_prompts=args.decode_prompts, decode_new_tokens=args.decode_new_tokens)
     with torch.no_grad():
         result = evaluate(model, val, device, cfg)
-    result["checkpoint"] = str(ckpt)
+    result["checkpoint"], result["checkpoint_step"] = str(ckpt), target.step
     out = Path(args.out) if args.out else ckpt.parent.parent / "eval.json"
     out.write_text(json.dumps(result, indent=2))
     print(format_eval_table(result))
     print(f"wrote {out}")
     if args.plot is not None:
-        from pretrain.evaluation.plots import per_exit_figure
+        from pretrain.evaluation.plots import per_exit_figure, per_exit_title
 
         png = Path(args.plot) if args.plot else ckpt.parent.parent / "plots" / "per_exit.png"
-        print(f"wrote {per_exit_figure(result, png, title=f'per-exit evaluation: {ckpt}')}")
+        print(f"wrote {per_exit_figure(result, png, title=per_exit_title(target.run_dir.name, target.step))}")
     return 0
 
 
