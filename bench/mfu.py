@@ -13,7 +13,7 @@ parallelize, fused AdamW, autocast, compile, activation checkpointing as configu
 Per case: median step time, tokens/s, TFLOP/s executed (dropped block rows left out, the head
 counted at every exit that is on: pretrain.metrics.flops) and MFU = that / train.peak_flops.
 Random tokens: the data pipeline is not what is measured (no data is read, so a model whose
-model.vocab_size is auto gets --vocab-size, default Llama 3's 128,256).
+model.vocab_size is auto gets Llama 3's 128,256; set model.vocab_size=N for another).
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ from pretrain.model.config import VOCAB_AUTO
 from pretrain.trainer.preflight import init_model_config
 
 
-def load_config(overrides: list[str], vocab_size: int = 128256):
+AUTO_VOCAB = 128256  # no data to take the vocabulary from: Llama 3's tokenizer (llama_1b's shape)
+
+
+def load_config(overrides: list[str], vocab_size: int = AUTO_VOCAB):
     cfg = init_model_config(compose_run_config(["layerskip=continual", *overrides])[0])
     if cfg.model.vocab_size == VOCAB_AUTO:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
@@ -46,9 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--vocab-size", type=int, default=128256, help="when model.vocab_size is auto")
     args, overrides = ap.parse_known_args()
-    cfg = load_config(overrides, args.vocab_size)
+    cfg = load_config(overrides)
     trainer = trainer_for(cfg)
     device, tr, L = trainer.dims.device, cfg.train, cfg.model.n_layers
     batch = random_batch(cfg.model.vocab_size, tr.global_batch_size, tr.seq_len, device=device)
