@@ -70,11 +70,11 @@ def plan_demo(run_dir: Path, overrides: list[str], steps: int) -> DemoPlan:
     step = checkpoint_step(found[0])
     recorded = recorded_overrides(run_dir)
     if recorded is None or run_identity(recorded) != run_identity(overrides):
-        started = shlex.join(recorded) if recorded else None
-        how = f"resume it with `{python_command()} -m pretrain.train {started}`, or" if started else "(its overrides " \
-            "are not recorded)"
+        how = (f"resume it with `{python_command()} -m pretrain.train {shlex.join(recorded)}`, or move it away and "
+               f"run `make demo` again" if recorded else "its overrides are not recorded; move it away and run "
+               "`make demo` again")
         return DemoPlan("refuse", step, f"demo: {run_dir} holds checkpoints of a run the demo did not start; "
-                        f"left as it is: {how} move it away and run `make demo` again")
+                        f"left as it is: {how}")
     if final_eval_done(run_dir, steps):
         return DemoPlan("restart", step, f"demo: {run_dir} holds a finished demo ({steps} steps); starting over "
                         f"(its checkpoints, eval.json and metrics.jsonl are replaced, other files stay)")

@@ -3,6 +3,7 @@ sizes through DEMO_DATA_FLAGS / DEMO_ARGS: the first run trains and ends with on
 whose `pretrain.generate` command works as printed; typed again it starts the finished demo over
 (a file the user put in the run directory stays); after an interruption it resumes; over a run
 it did not start it refuses with one line and changes nothing. The per-exit table appears once."""
+import json
 import os
 import shlex
 import shutil
@@ -99,3 +100,24 @@ def test_make_demo_again_starts_over_resumes_or_refuses(fresh_clone, monkeypatch
     assert code == 2 and out.count("\n") == 1 and "the demo did not start" in out
     assert "pretrain.train preset=demo model=tiny train.steps=4" in out  # how to resume it
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_plan_demo_reads_the_run_directory_only(tmp_path):
+    """A run the old Makefile started (preset=demo checkpoint.resume=none) is the demo's; one with no
+    recorded overrides is not; per-invocation keys do not make another run."""
+    from pretrain.demo import plan_demo
+
+    run_dir = tmp_path / "demo"
+    assert plan_demo(run_dir, ["preset=demo"], 300).action == "new"
+    (run_dir / "checkpoints" / "step_00000050").mkdir(parents=True)
+    refused = plan_demo(run_dir, ["preset=demo"], 300)
+    assert refused.action == "refuse" and "its overrides are not recorded" in refused.message
+    (run_dir / "hydra").mkdir()
+    (run_dir / "hydra" / "overrides.yaml").write_text("- preset=demo\n- checkpoint.resume=none\n")
+    resumed = plan_demo(run_dir, ["preset=demo"], 300)
+    assert (resumed.action, resumed.step) == ("resume", 50)
+    assert plan_demo(run_dir, ["preset=demo", "train.stop_at_step=10"], 300).action == "resume"
+    (run_dir / "eval.json").write_text(json.dumps({"step": 299}))
+    assert plan_demo(run_dir, ["preset=demo"], 300).action == "restart"
+    assert plan_demo(run_dir, ["preset=demo", "train.steps=600"], 600).action == "refuse"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "eval.json", "hydra"]  # nothing written
