@@ -16,14 +16,18 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Prepare the standard-library corpus, train a small LayerSkip model from scratch on CPU,
-# evaluate every exit and print the table. Run directory: runs/demo.
+# Prepare the standard-library corpus (once), train a small LayerSkip model from scratch on CPU,
+# evaluate every exit and print the table. Run directory: runs/demo. Works every time it is typed:
+# a new demo, the interrupted one resumed, or a finished one started over (pretrain/demo.py says which).
+# DEMO_ARGS: extra overrides (e.g. train.steps=100); DEMO_DATA_FLAGS: pretrain.data.prepare's flags.
+DEMO_DATA_FLAGS ?= --max-bytes 8000000 --vocab-size 4096 --seq-len 128 --val-fraction 0.03
+DEMO_ARGS ?=
 demo-data: setup
-	$(PY) -m pretrain.data.prepare --out data/demo --max-bytes 8000000 --vocab-size 4096 --seq-len 128 --val-fraction 0.03
+	$(PY) -m pretrain.data.prepare --out data/demo $(DEMO_DATA_FLAGS)
 
-demo: demo-data
-	$(PY) -m pretrain.train preset=demo checkpoint.resume=none
-	$(PY) -m pretrain.eval --checkpoint runs/demo
+demo: setup
+	test -f data/demo/manifest.json || $(PY) -m pretrain.data.prepare --out data/demo $(DEMO_DATA_FLAGS)
+	$(PY) -m pretrain.demo $(DEMO_ARGS)
 
 test: setup
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests

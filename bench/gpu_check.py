@@ -77,7 +77,8 @@ def plan(device: torch.device, work: Path, dry_run: bool, peak_flops: float) -> 
         tests = ["tests/test_model.py", "tests/test_device_process_group.py",
                  *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_trainer*.py")),
                  "-k", "exit_logits_match_reference or bf16_autocast or one_process_group"]
-        mfu = ["model=tiny", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2", "--repeats", "2"]
+        mfu = ["model=tiny", "model.vocab_size=512", "train.seq_len=32", "train.global_batch_size=4",
+               "train.micro_batch_size=2", "--repeats", "2"]
         corpus = ["--max-files", "40", "--vocab-size", "512", "--seq-len", "32"]
         model = ["model.vocab_size=512", "model.n_layers=4", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
                  "model.ffn_dim=128", "train.seq_len=32", "train.steps=8", "train.global_batch_size=8",

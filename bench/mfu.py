@@ -12,11 +12,13 @@ parallelize, fused AdamW, autocast, compile, activation checkpointing as configu
   plain      the same model with no layer dropout and the final exit only.
 Per case: median step time, tokens/s, TFLOP/s executed (dropped block rows left out, the head
 counted at every exit that is on: pretrain.metrics.flops) and MFU = that / train.peak_flops.
-Random tokens: the data pipeline is not what is measured.
+Random tokens: the data pipeline is not what is measured (no data is read, so a model whose
+model.vocab_size is auto gets Llama 3's 128,256; set model.vocab_size=N for another).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -25,11 +27,18 @@ from pretrain.config import compose_run_config
 from pretrain.device import synchronize
 from pretrain.layerskip.plan import StepPlan, step_plan
 from pretrain.metrics.flops import mfu, step_flops
+from pretrain.model.config import VOCAB_AUTO
 from pretrain.trainer.preflight import init_model_config
 
 
-def load_config(overrides: list[str]):
-    return init_model_config(compose_run_config(["layerskip=continual", *overrides])[0])
+AUTO_VOCAB = 128256  # no data to take the vocabulary from: Llama 3's tokenizer (llama_1b's shape)
+
+
+def load_config(overrides: list[str], vocab_size: int = AUTO_VOCAB):
+    cfg = init_model_config(compose_run_config(["layerskip=continual", *overrides])[0])
+    if cfg.model.vocab_size == VOCAB_AUTO:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    return cfg
 
 
 def plain_plan(step: int, num_layers: int) -> StepPlan:

@@ -16,9 +16,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.cli_overrides import did_you_mean, did_you_mean_in, unknown_key
 from parallel.dims import (MULTI_STAGE_SCHEDULES, SCHEDULES, SINGLE_STAGE_SCHEDULES, ParallelConfig, ParallelDims,
                            canonical_schedule)
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import VOCAB_AUTO, ModelConfig
 from schedules.exit_loss import CURRICULA, IMPORTANCE_KINDS
 from schedules.layer_dropout import DEPTH_SCALES, TIME_SCALES
 
@@ -157,7 +158,7 @@ class RunConfig:
     # Deterministic (no timestamp) so that every rank of a distributed job agrees on it, and so that
     # re-running the same command resumes from the latest checkpoint.
     run_dir: str = "runs/${name}"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(vocab_size=VOCAB_AUTO))  # auto: the data's tokenizer
     data: DataConfig = field(default_factory=DataConfig)
     layerskip: LayerSkipConfig = field(default_factory=LayerSkipConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -179,6 +180,11 @@ def compose_run_config(overrides: list[str], conf_dir: str | Path = CONF_DIR) ->
     from hydra.errors import HydraException
 
     conf_dir = Path(conf_dir)
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()} | {"hydra"}
+    for item in overrides:  # a misspelt key: did you mean the closest one of the schema?
+        complaint = unknown_key(item, RunConfig, groups)
+        if complaint:
+            raise ConfigError(complaint)
     for item in overrides:  # group=option: name the group and its options when the option is unknown
         group, _, option = item.partition("=")
         if (conf_dir / group).is_dir() and option and not (conf_dir / group / f"{option}.yaml").is_file():
@@ -189,7 +195,7 @@ def compose_run_config(overrides: list[str], conf_dir: str | Path = CONF_DIR) ->
             composed = compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         why = [str(e).strip().splitlines()[0] for e in (err, err.__cause__) if e is not None and str(e).strip()]
-        raise ConfigError(": ".join(why)) from None
+        raise ConfigError(": ".join(why) + did_you_mean_in(why[-1] if why else "", RunConfig)) from None
     return to_run_config(composed), composed
 
 
@@ -202,7 +208,8 @@ def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         run_cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        raise ConfigError(f"config key {key!r}: {err.msg.splitlines()[0]}" if key else str(err)) from None
+        raise ConfigError(f"config key {key!r}: {err.msg.splitlines()[0]}{did_you_mean(key, RunConfig)}" if key
+                          else str(err)) from None
     validate(run_cfg)
     return run_cfg
 
@@ -323,6 +330,8 @@ def check_tensor_parallel_widths(model_cfg: ModelConfig, tp: int, tp_key: str = 
     """Every width tensor parallelism shards must divide by tp."""
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         width = getattr(model_cfg, key)
+        if width == VOCAB_AUTO:  # resolved from the data, padded to a multiple of tp (pretrain/trainer/vocab.py)
+            continue
         _require(width % tp == 0, f"model.{key}", width, f"not divisible by {tp_key}={tp} (tensor parallel shards it)")
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from pretrain.checkpoint.inference import model_config_of_checkpoint
+from pretrain.evaluation.eval_inputs import EvalInputError, eval_target, validation_data
 from pretrain.model_loading import load_model_at
-from pretrain.data.dataset import PackedDataset
-from pretrain.data.sources import validation_sets
 from pretrain.config import EvalConfig
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import format_eval_table
@@ -73,12 +73,6 @@ def check_data(val, model: torch.nn.Module, tokenizer: str | None, data_dir: str
                              f"(pretrain.data.prepare --tokenizer {Path(tokenizer).parent})")
 
 
-def checkpoint_step_of(ckpt: Path) -> int | None:
-    """N of a checkpoints/step_N directory."""
-    digits = ckpt.name.removeprefix("step_")
-    return int(digits) if digits.isdigit() else None
-
-
 def run_data_dirs(run_cfg) -> set[Path]:
     return {Path(d).resolve() for _, d, _ in source_list(run_cfg.data)}
 
@@ -109,39 +103,38 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(args.device)
     try:
         if Path(args.checkpoint).is_file():
-            raise FileNotFoundError(f"--checkpoint {args.checkpoint} is a file; give a run directory or "
-                                    f"its checkpoints/step_N directory")
+            raise EvalInputError(f"--checkpoint {args.checkpoint} is a file; give a run directory or "
+                                 f"its checkpoints/step_N directory")
         if args.out and not Path(args.out).resolve().parent.is_dir():
-            raise FileNotFoundError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
+            raise EvalInputError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
+        target = eval_target(args.checkpoint)   # the newest checkpoint that passes the checks
         if args.plot is not None:  # fail before the evaluation, not after it
             import matplotlib  # noqa: F401
+        val = validation_data(target, args.data_dir, model_config_of_checkpoint(target.checkpoint).vocab_size)
         # the loader resume uses: checks, fallback to an older checkpoint, damaged ones skipped
         loaded = load_model_at(args.checkpoint, device=device)
-        if loaded.checkpoint is None:
-            raise FileNotFoundError(f"{args.checkpoint} holds no checkpoint of ours (a Hugging Face directory: "
-                                    f"import it first, python -m pretrain.hf_interop import)")
-    except FileNotFoundError as err:
+        if loaded.checkpoint != target.checkpoint:   # the newest had non-finite weights: marked, skipped
+            target = eval_target(str(loaded.checkpoint))
+    except (EvalInputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ImportError:
         print("error: --plot needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
         return 2
-    model, ckpt = loaded.model, loaded.checkpoint
+    print(f"evaluating {target.describe()}", flush=True)
+    model, ckpt, tokenizer = loaded.model, loaded.checkpoint, loaded.tokenizer
     run_cfg = OmegaConf.load(ckpt / "config.yaml")
-    tokenizer = loaded.tokenizer
     cfg = EvalConfig(batches=args.batches, batch_size=args.batch_size, max_draft_len=args.max_draft_len,
                      decode_prompts=args.decode_prompts, decode_new_tokens=args.decode_new_tokens)
     try:
         check_weights(model, ckpt)
-        val = PackedDataset(args.data_dir, "val") if args.data_dir else validation_sets(run_cfg.data)
         check_data(val, model, tokenizer, args.data_dir)
         with torch.no_grad():
             result = evaluate(model, val, device, cfg)
     except (ValueError, FileNotFoundError) as err:  # DataError, ConfigError: one line, nothing written
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result["checkpoint"] = str(ckpt)
-    result["checkpoint_step"] = checkpoint_step_of(ckpt)
+    result["checkpoint"], result["checkpoint_step"] = str(ckpt), target.step
     if args.data_dir and Path(args.data_dir).resolve() not in run_data_dirs(run_cfg):
         result["data"] = [str(Path(args.data_dir).resolve())]
     print(format_eval_table(result))
@@ -154,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     print(f"wrote {out}")
     if args.plot is not None:
-        from pretrain.evaluation.plots import per_exit_figure
+        from pretrain.evaluation.plots import per_exit_figure, per_exit_title
 
         png = Path(args.plot) if args.plot else ckpt.parent.parent / "plots" / "per_exit.png"
-        print(f"wrote {per_exit_figure(result, png, title=f'per-exit evaluation: {ckpt}')}")
+        print(f"wrote {per_exit_figure(result, png, title=per_exit_title(target.run_dir.name, target.step))}")
     return 0
 
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, generate
 from pretrain.decoding.compiled import COMPILE_MODES
+from pretrain.decoding.report import decode_settings, explain as explain_report
 from pretrain.model_loading import load_model
 
 
@@ -244,10 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.measure_speedup:
             generate(model, prompt_ids[:1], opts, max_new_tokens=2)  # warm-up
         outputs, stats = decode_all(model, prompt_ids, opts, args.batch_size)
-        report = {"strategy": opts.strategy, "num_layers": model.cfg.n_layers,
-                  "exit_layer": opts.exit_layer if opts.exit_layer is not None else max(1, model.cfg.n_layers // 4),
-                  "draft_len": opts.draft_len, "adaptive_draft": opts.adaptive_draft,
-                  "dynamic_exit": opts.dynamic_exit, "prompts": len(prompts), **stats.summary()}
+        exit_layer = opts.exit_layer if opts.exit_layer is not None else max(1, model.cfg.n_layers // 4)
+        report = {**decode_settings(opts.strategy, exit_layer, opts.draft_len, opts.adaptive_draft, opts.dynamic_exit),
+                  "num_layers": model.cfg.n_layers, "prompts": len(prompts), **stats.summary()}
         if stats.auto:
             chosen = {a["chosen"] for a in stats.auto}
             report["chosen_strategy"] = chosen.pop() if len(chosen) == 1 else "mixed"
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for i, (ids, out) in enumerate(zip(prompt_ids, outputs)):
         print(f"--- completion {i}\n{tokenizer.decode(ids + out)}")
+    print(explain_report(report), file=sys.stderr)  # what the acceptance figures mean; stdout ends with the JSON
     print(json.dumps(report))
     return 0
 

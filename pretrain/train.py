@@ -1,7 +1,8 @@
 """Train: python -m pretrain.train [preset=demo|from_scratch|continual] [group=option] [key=value ...]
 
 Overrides are Hydra's (conf/config.yaml lists the groups; every key of pretrain/config.py's
-dataclasses can be set). A bad value exits with code 2 and one line naming the key, before any
+dataclasses can be set). `--cfg job` (or `--print-config`; `--resolve` resolves ${...}) prints the
+composed configuration and exits; a misspelt key gets the closest one ("did you mean"). A bad value exits with code 2 and one line naming the key, before any
 work is done or anything is written to the run directory.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from pretrain.cli_overrides import parse_command_line
 from pretrain.config import ConfigError, compose_run_config
 
 
@@ -18,6 +20,15 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in overrides):
         print(__doc__)
         return
+    try:  # --cfg job / --print-config [--resolve]: the composed configuration, then exit
+        line = parse_command_line(overrides)
+        overrides = line.overrides
+        if line.print_config:
+            print(OmegaConf.to_yaml(compose_run_config(overrides)[1], resolve=line.resolve), end="")
+            return
+    except (ConfigError, ValueError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
     from pretrain.trainer.loop import train
 
     from pretrain.operations.exit_codes import CheckpointError, OperationsExit

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # lowest first
-    {"schedules", "pretrain.device", "pretrain.files"},  # files: the one atomic file write
+    {"schedules", "pretrain.device", "pretrain.files", "pretrain.cli_overrides"},  # files: the one atomic file write; cli_overrides: pure argument parsing
     {"pretrain.model"},
     {"parallel"},                                   # never imports the config or the trainer
     {"pretrain.config"},
@@ -20,6 +20,7 @@ LAYERS = [  # lowest first
     {"pretrain.plan"},                               # the cluster simulator: runs the trainer on fake devices
     {"pretrain.train", "pretrain.eval", "pretrain.generate", "pretrain.hf_interop.__main__",
      "pretrain.lm_eval_cli"},  # entry points
+    {"pretrain.demo"},  # make demo: runs pretrain.train
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 

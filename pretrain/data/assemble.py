@@ -10,6 +10,7 @@ import numpy as np
 
 from pretrain.data.corpus import BadRecords, SourceFile, read_documents
 from pretrain.data.encode import Encoder, document_batches, encode_documents
+from pretrain.data.progress import PrepareProgress
 from pretrain.data.shards import FORMAT_VERSION, KEY_DIGITS, MEMBER_SUFFIX
 from pretrain.data.streams import PART_INFO, StreamWriter, pack_parts
 from pretrain.files import write_atomic
@@ -24,11 +25,14 @@ def encode_part(directory: Path, files: list[SourceFile], choice: TokenizerChoic
                       settings["add_special_tokens"])
     docs = (d for d in read_documents(files, settings["text_field"], max_bytes, bad) if d.text.strip())
     writer = StreamWriter(directory, np.dtype(settings["dtype"]), settings["val_fraction"])
+    progress = PrepareProgress(f"prepare part {settings['part']}" if settings.get("num_parts", 1) > 1 else "prepare")
     try:
         for batch, ids, lengths in encode_documents(document_batches(docs), encoder, workers):
             writer.add(batch, ids, lengths)
+            progress.add(len(batch), sum(len(d.text.encode("utf-8", "surrogatepass")) for d in batch), len(ids))
     finally:
         writer.close()
+    progress.finish()
     info = {**settings, **writer.info(), "files": len(files), "bad_records": bad.as_dict()}
     write_atomic(directory / PART_INFO, (json.dumps(info, indent=2) + "\n").encode())
     return info
@@ -68,7 +72,7 @@ def write_dataset(stage: Path, parts: list[tuple[Path, dict]], tokenizer_files: 
         "tokenizer_source": s["tokenizer_source"], "source": s["source"],
         "settings": {k: s[k] for k in ("inputs", "pattern", "text_field", "val_fraction", "samples_per_shard",
                                        "max_files", "max_bytes", "include_tests", "add_special_tokens",
-                                       "on_bad_record", "num_parts")},
+                                       "on_bad_record")},  # not num_parts: --merge equals one job
         "bad_records": combined_bad_records([info for _, info in parts]),
         "splits": splits,
     }

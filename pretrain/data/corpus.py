@@ -58,9 +58,10 @@ class BadRecords:
         if self.policy not in BAD_RECORD_POLICIES:
             raise ValueError(f"--on-bad-record={self.policy!r}: choose one of {', '.join(BAD_RECORD_POLICIES)}")
 
-    def report(self, where: str, reason: str, detail: str) -> None:
+    def report(self, where: str, reason: str, detail: str, hint: str | None = None) -> None:
+        """`hint` replaces the advice to skip (e.g. when the whole input would be skipped)."""
         if self.policy == "error":
-            raise BadInputError(f"{where}: {detail} (--on-bad-record skip leaves such records out, counted)")
+            raise BadInputError(f"{where}: {detail} ({hint or '--on-bad-record skip leaves such records out, counted'})")
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {detail}")
@@ -157,9 +158,21 @@ def _open_lines(path: Path) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
+def text_field_hint(field_name: str, record) -> str:
+    """The advice for a missing text field when no record so far had it: --text-field (with the
+    closest name, or the only string field), not --on-bad-record skip, which would drop every record."""
+    import difflib
+
+    keys = [k for k in record if isinstance(k, str)] if isinstance(record, dict) else []
+    strings = [k for k in keys if isinstance(record.get(k), str)]
+    close = difflib.get_close_matches(field_name, keys, n=1, cutoff=0.5) or (strings if len(strings) == 1 else [])
+    return (f"--text-field names the field holding the text; did you mean --text-field {close[0]}?" if close
+            else "--text-field names the field holding the text")
+
+
 def _json_records(source: SourceFile, field_name: str, bad: BadRecords) -> Iterator[Document]:
     path = source.path
-    lineno = 0
+    lineno, seen_field = 0, False  # no record had the field yet: skipping would likely drop them all
     try:
         with _open_lines(path) as f:
             for lineno, raw in enumerate(f, 1):
@@ -178,9 +191,10 @@ def _json_records(source: SourceFile, field_name: str, bad: BadRecords) -> Itera
                     continue
                 if not isinstance(record, dict) or field_name not in record:
                     what = f"keys {sorted(record)[:8]}" if isinstance(record, dict) else type(record).__name__
-                    bad.report(where, "missing_field", f"no field {field_name!r} (a record with {what}); "
-                                                       "see --text-field")
+                    bad.report(where, "missing_field", f"no field {field_name!r} (a record with {what})",
+                               None if seen_field else text_field_hint(field_name, record))
                     continue
+                seen_field = True
                 text = record[field_name]
                 if not isinstance(text, str):
                     bad.report(where, "not_a_string", f"field {field_name!r} is a {type(text).__name__}, "
@@ -210,7 +224,8 @@ def _parquet_records(source: SourceFile, field_name: str, bad: BadRecords) -> It
         return
     columns = reader.schema_arrow.names
     if field_name not in columns:
-        bad.report(str(path), "missing_field", f"no column {field_name!r} (it has {columns[:8]}); see --text-field")
+        bad.report(str(path), "missing_field", f"no column {field_name!r} (it has {columns[:8]})",
+                   text_field_hint(field_name, dict.fromkeys(columns)))
         return
     row = 0
     try:

@@ -49,7 +49,7 @@ from pretrain.data.parts import merge_parts, prepare_part, select_part
 from pretrain.data.shards import token_dtype
 from pretrain.data.streams import split_hash
 from pretrain.files import write_atomic
-from pretrain.data.tokenizer import vocab_size_of
+from pretrain.data.tokenizer import post_processor_bos_id, vocab_size_of
 from pretrain.data.tokenizer_choice import bpe_sample, given_tokenizer, trained_tokenizer
 
 __all__ = ["prepare_dataset", "merge_parts", "split_documents", "main"]
@@ -133,12 +133,15 @@ def prepare_dataset(out: str | Path = DEFAULT_OUT, *, inputs: Sequence[str] | No
             write_atomic(out / name, data)
         return {"tokenizer": str(out / "tokenizer.json"), "tokenizer_source": choice.source}
     vocab = vocab_size_of(choice.tokenizer)
+    # the BOS each document starts with: configured (tokenizer_config.json), or added by the post-processor
+    bos_id = choice.bos_id if choice.bos_id is not None or not add_special_tokens else \
+        post_processor_bos_id(choice.tokenizer)
     settings = dict(
         inputs=list(inputs) if inputs else None, pattern=pattern, text_field=text_field, seq_len=seq_len,
         val_fraction=val_fraction, samples_per_shard=samples_per_shard, max_files=max_files,
         max_bytes=max_bytes, include_tests=include_tests, add_special_tokens=add_special_tokens,
         on_bad_record=on_bad_record, dtype=token_dtype(vocab).name, vocab_size=vocab, eos_id=choice.eos_id,
-        bos_id=choice.bos_id, tokenizer_sha256=hashlib.sha256(choice.files["tokenizer.json"]).hexdigest(),
+        bos_id=bos_id, tokenizer_sha256=hashlib.sha256(choice.files["tokenizer.json"]).hexdigest(),
         tokenizer_source=choice.source, num_parts=num_parts, source=source)
 
     if part is not None:
@@ -185,6 +188,19 @@ def summary(out: str | Path, manifest: dict) -> str:
                      + (" (first: " + manifest["bad_records"]["examples"][0] + ")"
                         if manifest["bad_records"]["examples"] else ""))
     return "\n".join(lines)
+
+
+def part_summary(parts_dir: Path, part: int, num_parts: int, info: dict) -> str:
+    """One part's line. Its validation documents are those whose name hashes below --val-fraction;
+    when no part has one, --merge moves the smallest-hash training document of all parts to val (as
+    a single prepare does), so a part's "0" is not the dataset's."""
+    docs, tokens = info["documents"], info["tokens"]
+    val = f"{docs['val']:,} validation"
+    if docs["val"] == 0 and info["val_fraction"] > 0:
+        val += (f" (none of its documents hashes below --val-fraction {info['val_fraction']:g}; if no part has "
+                f"one, --merge holds out the smallest-hash training document of all parts)")
+    return (f"prepared part {part} of {num_parts} in {parts_dir}: {info['files']} files, {docs['train']:,} training + "
+            f"{val} documents, {tokens['train']:,} + {tokens['val']:,} tokens; then run --merge")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,10 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tokenizer_only:
         print(f"wrote {manifest['tokenizer']}: {manifest['tokenizer_source']}")
     elif part is not None and not args.merge:
-        print(f"prepared part {part} of {args.num_parts} in {Path(args.out) / PARTS_DIR}: {manifest['files']} files, "
-              f"{manifest['documents']['train']:,} + {manifest['documents']['val']:,} documents, "
-              f"{manifest['tokens']['train']:,} + {manifest['tokens']['val']:,} tokens (train + val); "
-              f"then run --merge")
+        print(part_summary(Path(args.out) / PARTS_DIR, part, args.num_parts, manifest))
     else:
         print(summary(args.out, manifest))
     return 0

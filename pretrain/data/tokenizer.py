@@ -109,3 +109,17 @@ def eos_token_id(tokenizer: Tokenizer, source: str | Path = "tokenizer", token: 
             return token_id
     raise ValueError(f"{source} has none of the end-of-text tokens {', '.join(EOS_CANDIDATES)}; "
                      "name the one it uses with --eos-token")
+
+
+def post_processor_bos_id(tokenizer: Tokenizer) -> int | None:
+    """The BOS a tokenizer's post-processor puts before every text (e.g. a TemplateProcessing
+    "<s> $A", as transformers 5 writes Llama tokenizers without add_bos_token), found by encoding a
+    probe with and without special tokens; None when it adds nothing in front."""
+    for probe in ("a", "the", "x y"):
+        plain = tokenizer.encode(probe, add_special_tokens=False).ids
+        special = tokenizer.encode(probe, add_special_tokens=True).ids
+        if plain:
+            if len(special) > len(plain) and special[1:1 + len(plain)] == plain:
+                return special[0]
+            return None
+    return None

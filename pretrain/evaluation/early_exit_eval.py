@@ -70,8 +70,23 @@ def exit_summary(stats: dict[int, dict[str, float]], L: int, max_draft_len: int 
     return result
 
 
+def format_source_table(sources: dict) -> list[str]:
+    """Per exit, each source's held-out loss and agreement (the sources of a mixed run)."""
+    names = sorted(sources)
+    lines = ["per source (held-out loss / agreement with the last layer):",
+             f"{'exit':>4} " + " ".join(f"{name[:18]:>18}" for name in names)]
+    for layer in sorted(int(l) for l in sources[names[0]]):
+        cells = []
+        for name in names:
+            s = sources[name].get(layer, sources[name].get(str(layer)))
+            cells.append(f"{s['loss']:>10.4f} / {s['agreement']:.3f}")
+        lines.append(f"{layer:>4d} " + " ".join(f"{c:>18}" for c in cells))
+    return lines
+
+
 def format_eval_table(result: dict) -> str:
-    """A plain-text table: one row per exit."""
+    """A plain-text table: one row per exit (over all sources, token-weighted), then one row per
+    exit and source when sources are mixed."""
     lines = [f"{'exit':>4} {'loss':>8} {'ppl':>10} {'agree':>7} {'best γ':>6} {'speedup':>8}"]
     for layer, s in sorted(result["exits"].items()):
         row = result["speedup"].get(layer)
@@ -91,4 +106,6 @@ def format_eval_table(result: dict) -> str:
                      f"(predicted {p['acceptance']:.3f}), tokens/round {m['tokens_per_round']:.2f} "
                      f"({p['tokens_per_round']:.2f}), layer evals/token {m['layer_evals_per_token']:.2f} "
                      f"({p['layer_evals_per_token']:.2f})")
+    if result.get("sources"):
+        lines += format_source_table(result["sources"])
     return "\n".join(lines)

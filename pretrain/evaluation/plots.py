@@ -4,8 +4,9 @@ matplotlib is an optional dependency (`pip install -e '.[plot]'`); it is importe
 figure is drawn, with the non-interactive Agg backend, so nothing here needs a display.
 
 Inputs are the plain structures the project already writes:
-- an evaluation result: {"exits": {l: {"loss", "perplexity", "agreement"}}, "best": {...}}
-  (eval.json, or `evaluate`'s return value; exit keys may be ints or strings);
+- an evaluation result: {"exits": {l: {"loss", "perplexity", "agreement"}}, "speedup": {E: {γ: x}},
+  "best": {...}, "sources": {name: {l: {...}}} when sources are mixed} (eval.json, or `evaluate`'s
+  return value; exit keys may be ints or strings);
 - metrics.jsonl records of kind "train" ({"step", "exit_loss": {l: loss}, ...});
 - a layer-dropout rate matrix p[t][l] (schedules.layer_dropout.layer_dropout_rates per step).
 """
@@ -48,30 +49,57 @@ def _style(name: str) -> dict:
     return {"linestyle": "--" if name.startswith("continual") else "-", "marker": "o", "markersize": 4}
 
 
-def per_exit_figure(result: Mapping, path: str | Path, title: str = "per-exit evaluation") -> Path:
-    """One run: held-out loss (left axis) and top-1 agreement with the last layer (right axis) per
-    exit, with the best self-speculative (E, γ) marked when the result has one."""
+def per_exit_title(run_name: str, step: int | None) -> str:
+    """A short title: the run's name and the step evaluated (not the checkpoint's whole path)."""
+    return f"{run_name}, step {step}" if step is not None else run_name
+
+
+def best_speedup_per_exit(result: Mapping) -> dict[int, float]:
+    """{E: max over γ of the expected speedup} for the exits E < L of result["speedup"]."""
+    return {int(E): max(row.values()) for E, row in result.get("speedup", {}).items() if row}
+
+
+def per_exit_axes(result: Mapping, title: str = "per-exit evaluation"):
+    """The per-exit figure, not yet saved: held-out loss (left axis; per source too when sources
+    are mixed), top-1 agreement with the last layer and the expected self-speculative speedup (best
+    γ per exit) on the right axis, the best (E, γ) marked and labelled, one legend for all."""
     plt = _pyplot()
     rows = exit_rows(result)
     exits = [l for l, _ in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(exits, [s["loss"] for _, s in rows], color="tab:blue", marker="o", label="held-out loss")
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    lines = ax.plot(exits, [s["loss"] for _, s in rows], color="tab:blue", marker="o",
+                    label="held-out loss" + (" (all sources)" if result.get("sources") else ""))
+    for i, (name, stats) in enumerate(sorted(result.get("sources", {}).items())):
+        per = sorted((int(l), st) for l, st in stats.items())
+        lines += ax.plot([l for l, _ in per], [st["loss"] for _, st in per], color=plt.get_cmap("Blues")(0.45 + 0.5 * i / max(len(result["sources"]), 1)),
+                         linestyle="--", marker=".", linewidth=1, label=f"held-out loss: {name}")
     ax.set_xlabel("exit layer")
     ax.set_ylabel("held-out loss (nats/token)", color="tab:blue")
     ax.set_xticks(exits)
     ax2 = ax.twinx()
-    ax2.plot(exits, [s["agreement"] for _, s in rows], color="tab:orange", marker="s",
-             label="top-1 agreement with last layer")
-    ax2.set_ylabel("agreement with last layer", color="tab:orange")
-    ax2.set_ylim(0, 1.05)
+    lines += ax2.plot(exits, [s["agreement"] for _, s in rows], color="tab:orange", marker="s",
+                      label="top-1 agreement with last layer")
+    speedup = best_speedup_per_exit(result)
+    if speedup:
+        lines += ax2.plot(sorted(speedup), [speedup[E] for E in sorted(speedup)], color="tab:green", marker="^",
+                          label="expected speedup (best γ), ×")
+    ax2.set_ylabel("agreement / expected speedup (×)")
+    ax2.set_ylim(0, max([1.05] + [1.1 * v for v in speedup.values()]))
     best = result.get("best")
     if best:
         ax2.axvline(best["exit_layer"], color="gray", linestyle=":", linewidth=1)
-        title += (f"\nbest E={best['exit_layer']} γ={best['draft_len']}: "
-                  f"expected {best['speedup']:.2f}x")
+        ax2.annotate(f"best E={best['exit_layer']}, γ={best['draft_len']}: {best['speedup']:.2f}×",
+                     xy=(best["exit_layer"], ax2.get_ylim()[1] * 0.97), xytext=(4, -2), textcoords="offset points",
+                     fontsize=8, color="dimgray", va="top")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right")
+    return fig
+
+
+def per_exit_figure(result: Mapping, path: str | Path, title: str = "per-exit evaluation") -> Path:
+    """per_exit_axes, written as a PNG."""
+    return _save(per_exit_axes(result, title), path)
 
 
 def _per_variant_figure(results: Mapping[str, Mapping], path: str | Path, key: str, ylabel: str,
@@ -133,9 +161,29 @@ def exit_loss_curves(records: Sequence[Mapping]) -> dict[int, tuple[list[int], l
     return dict(sorted(curves.items()))
 
 
-def training_curves_figure(records: Sequence[Mapping], path: str | Path, smooth: int = 5,
-                           title: str = "training loss per exit") -> Path:
-    """Per-exit training loss over steps (moving average of `smooth` logged points per exit)."""
+def late_exit_note(curves: Mapping[int, tuple[list[int], list[float]]]) -> str | None:
+    """Why some exits' curves start late, when they do: the first logged step of an exit that
+    falls later the shallower the exit (beyond 5% of the run) is the gradual curriculum's mark
+    (exits switched on from the last layer toward the first)."""
+    first = {layer: steps[0] for layer, (steps, _) in curves.items() if steps}
+    if len(first) < 2:
+        return None
+    start, span = min(first.values()), max(max(steps) for steps, _ in curves.values()) - min(first.values())
+    late = {l: t for l, t in first.items() if t - start > 0.05 * max(span, 1)}
+    if not late:
+        return None
+    ordered = [first[l] for l in sorted(first)]
+    gradual = all(a >= b for a, b in zip(ordered, ordered[1:]))
+    where = ", ".join(f"exit {l} from step {t}" for l, t in sorted(late.items()))
+    why = ("the gradual curriculum switches exit losses on from the last layer toward the first "
+           "(layerskip.early_exit.curriculum=gradual, gradual_steps)" if gradual else
+           "their losses were switched off before (layerskip.early_exit curriculum / exit_layers)")
+    return f"{where}: {why}"
+
+
+def training_curves_axes(records: Sequence[Mapping], smooth: int = 5, title: str = "training loss per exit"):
+    """Per-exit training loss over steps (moving average of `smooth` logged points per exit), not
+    yet saved; a note under the axes says why exits start late when they do (late_exit_note)."""
     plt = _pyplot()
     curves = exit_loss_curves(records)
     if not curves:
@@ -157,7 +205,18 @@ def training_curves_figure(records: Sequence[Mapping], path: str | Path, smooth:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    return _save(fig, path)
+    note = late_exit_note(curves)
+    if note:
+        import textwrap
+
+        fig.text(0.01, -0.02, textwrap.fill(note, 110), fontsize=8, va="top", color="dimgray")
+    return fig
+
+
+def training_curves_figure(records: Sequence[Mapping], path: str | Path, smooth: int = 5,
+                           title: str = "training loss per exit") -> Path:
+    """training_curves_axes, written as a PNG."""
+    return _save(training_curves_axes(records, smooth, title), path)
 
 
 def dropout_heatmap_figure(panels: Mapping[str, Sequence[Sequence[float]]], path: str | Path,

@@ -196,7 +196,14 @@ def import_cli(args: argparse.Namespace) -> int:
         raise
     from pretrain.checkpoint.layout import checkpoint_dir
 
-    print(json.dumps({"checkpoint": str(checkpoint_dir(out, 0))}))
+    m, written = model.cfg, sorted(p.name for p in out.iterdir())
+    print(f"imported {args.hf} into {args.out}: {m.n_layers} layers, dim {m.dim}, vocab {m.vocab_size:,}, "
+          f"{m.num_params() / 1e6:,.2f}M parameters; wrote {', '.join(written)} (checkpoint step 0"
+          f"{', no tokenizer: the HF directory has none' if not tokenizer else ''}). Next: evaluate with "
+          f"`python -m pretrain.eval --checkpoint {args.out} --data-dir DIR` (data prepared with --tokenizer "
+          f"{args.hf}), or train from it with checkpoint.init_from={args.hf}", file=sys.stderr)
+    print(json.dumps({"checkpoint": str(checkpoint_dir(out, 0)), "run_dir": str(out), "files": written,
+                      "parameters": m.num_params()}))
     return 0
 
 

@@ -53,7 +53,7 @@ def log_eval_media(wandb_run, record: Mapping[str, Any], run_dir: Path) -> None:
         from pretrain.evaluation.plots import per_exit_figure
 
         png = per_exit_figure(result, Path(run_dir) / "plots" / f"per_exit_step_{step}.png",
-                              title=f"per-exit evaluation, step {step}")
+                              title=f"{Path(run_dir).name}, step {step}")
         payload["eval/per_exit_figure"] = wandb.Image(str(png))
     except RuntimeError:  # matplotlib not installed: the table alone
         pass

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
+
+VOCAB_AUTO = "auto"  # a run's model.vocab_size: the data's tokenizer (pretrain/trainer/vocab.py)
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8192
+    vocab_size: Union[int, str] = 8192  # an int once a model is built; a run config may say VOCAB_AUTO
     dim: int = 256
     n_layers: int = 8
     n_heads: int = 8
@@ -30,7 +33,8 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         """Raise ValueError naming the offending key when the shape is impossible."""
         checks = [
-            (self.vocab_size > 0, "vocab_size", "must be positive"),
+            (self.vocab_size == VOCAB_AUTO or (isinstance(self.vocab_size, int) and self.vocab_size > 0),
+             "vocab_size", "must be a positive integer (or auto: the data's tokenizer)"),
             (self.dim > 0, "dim", "must be positive"),
             (self.n_layers > 0, "n_layers", "must be positive"),
             (self.n_heads > 0 and self.dim % self.n_heads == 0, "n_heads",

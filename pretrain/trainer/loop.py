@@ -32,6 +32,7 @@ from pretrain.operations.run_dir import for_restarted_workers
 from pretrain.operations.session import RunOperations
 from pretrain.trainer.build import build_model, learning_rate_at
 from pretrain.trainer.preflight import CheckedRun, check_run
+from pretrain.trainer.summary import startup_summary
 from pretrain.trainer.trainer import Trainer
 from parallel.mesh import launched_world_size, setup_parallel, teardown_parallel
 
@@ -143,6 +144,7 @@ def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer
                            total_steps=cfg.train.steps, start_step=start_step, run_id=run_id)
     if resumed is not None:
         logger.write(f"resumed from {resumed} at step {start_step}")
+    logger.write(startup_summary(cfg, dims, run.train_data, resumed, start_step))  # what this run is about to do
     trainer.apply_update = ops.guard  # the non-finite guard decides whether the optimizer steps
     ops.start()
     checkpointer.start(ops, lambda: {"data": batches.state_dict(), "wandb_run_id": logger.run_id})

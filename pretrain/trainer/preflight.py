@@ -17,6 +17,7 @@ from pretrain.device import select_device
 from pretrain.hf_interop import HFConfigError
 from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.model_loading import model_config_at
+from pretrain.trainer.vocab import resolve_vocab_size
 from parallel.dims import ParallelDims
 from parallel.mesh import local_rank
 
@@ -55,10 +56,13 @@ def open_data(cfg: RunConfig) -> tuple[PackedDataset | MixedDataset, dict[str, P
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} but the data in {key} was packed with "
                           f"seq_len={train.seq_len}; re-run prepare or set train.seq_len")
     if train.vocab_size > cfg.model.vocab_size:
-        source = (f"the initial model of checkpoint.init_from={cfg.checkpoint.init_from!r}"
-                  if cfg.checkpoint.init_from else "model.vocab_size")
-        raise ConfigError(f"{key}: its tokenizer has {train.vocab_size} tokens but {source} has "
-                          f"{cfg.model.vocab_size}; use data prepared with that model's tokenizer")
+        if cfg.checkpoint.init_from:
+            raise ConfigError(f"{key}: its tokenizer has {train.vocab_size} tokens but the initial model of "
+                              f"checkpoint.init_from={cfg.checkpoint.init_from!r} has {cfg.model.vocab_size}; "
+                              f"use data prepared with that model's tokenizer")
+        raise ConfigError(f"{key}: its tokenizer has {train.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}; drop that override (model.vocab_size=auto, the default, "
+                          f"takes the tokenizer's {train.vocab_size}) or set it to at least {train.vocab_size}")
     if len(train) == 0 or not any(len(v) for v in val.values()):
         raise ConfigError(f"{key}: the {'train' if len(train) == 0 else 'validation'} split is empty")
     return train, val
@@ -99,7 +103,7 @@ def check_tokenizers(cfg: RunConfig) -> None:
 
 
 def check_run(cfg: RunConfig, world_size: int) -> CheckedRun:
-    cfg = init_model_config(cfg)
+    cfg = resolve_vocab_size(init_model_config(cfg))
     dims = check_layout(cfg, world_size)
     try:
         dims.device = select_device(cfg.train.device, local_rank())
