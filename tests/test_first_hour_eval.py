@@ -98,7 +98,7 @@ def test_generate_reports_only_the_settings_that_steered_it(mixed_run, capsys):
     run_dir, _ = mixed_run
     capsys.readouterr()
     assert generate_main(["--checkpoint", str(run_dir), "--prompt", "def f(", "--max-new-tokens", "6",
-                          "--dynamic-exit", "--no-eos"]) == 0
+                          "--strategy", "self_speculative", "--dynamic-exit", "--no-eos"]) == 0
     out = capsys.readouterr()
     report = json.loads(out.out.strip().splitlines()[-1])
     assert "exit_layer" not in report and "draft_len" not in report and report["mean_exit_layer"] is not None
