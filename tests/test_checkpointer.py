@@ -48,7 +48,8 @@ def test_save_policy():
 def test_two_runs_sharing_a_checkpoint_dir_are_locked_against_each_other(data_dir, tmp_path):
     """Run A trains into a shared checkpoint.dir and is still running (it holds the directory's
     lock); run B, another run directory on the same checkpoint.dir, stops at once naming A, and
-    A's checkpoints are untouched (B used to resume from them and overwrite A's newest)."""
+    A's checkpoints are untouched (B used to resume from them and overwrite A's newest). Once A
+    is done, B is still refused: the directory belongs to A."""
     shared = tmp_path / "shared"
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     train(run_config(data_dir, run_a, "train.steps=4", "train.stop_at_step=2", f"checkpoint.dir={shared}"))
@@ -65,6 +66,11 @@ def test_two_runs_sharing_a_checkpoint_dir_are_locked_against_each_other(data_di
     # the lock is the run's for its whole length, and goes with it
     train(run_config(data_dir, run_a, "train.steps=4", f"checkpoint.dir={shared}"))
     assert [s for s, _ in list_checkpoints(run_a)] == [2, 4]
+    # A has finished: B still may not continue (and prune) A's final checkpoints
+    after = files_under(shared)
+    with pytest.raises(ConfigError, match=f"checkpoint.dir=.*holds the checkpoints of run {run_a}"):
+        train(run_config(data_dir, run_b, "train.steps=6", f"checkpoint.dir={shared}"))
+    assert files_under(shared) == after
 
 
 def test_a_deadline_already_past_is_refused_before_any_step(data_dir, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from typing import Callable, ContextManager, Protocol
 
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.errors import NoSoundCheckpoint, NonFiniteWeights
+from pretrain.checkpoint.errors import CheckpointDirInUse, NoSoundCheckpoint, NonFiniteWeights
 from pretrain.checkpoint.integrity import all_finite
 from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.checkpoint.loader import load_sound
@@ -91,8 +91,11 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 self.lock = prepare_checkpoint_dir(self.cfg, self.run_dir)
-            except (ConfigError, OSError, RuntimeError) as err:
+            except (ConfigError, CheckpointDirInUse) as err:
                 error = err
+            except OSError as err:   # e.g. no permission to create the lock file
+                error = ConfigError(f"checkpoint directory of {self.run_dir}: {err.strerror or err} "
+                                    f"({err.filename or ''}); check checkpoint.dir and its permissions")
         if self.agree([1.0 if error is not None else 0.0])[0]:
             raise error or ConfigError("rank 0 refused the checkpoint directory (see its error)")
 

@@ -3,7 +3,9 @@
 - checkpoint.dir: <run_dir>/checkpoints becomes a symbolic link to it (so every tool that takes a
   run directory finds the checkpoints), refused if <run_dir>/checkpoints is something else;
 - the directory is locked (lock.py) before anything in it is read or changed, so two runs sharing
-  one checkpoint.dir never resume from or prune each other's checkpoints;
+  one checkpoint.dir never resume from or prune each other's checkpoints; and a checkpoint.dir
+  belongs to the run directory that first used it (.owner.json), so a later run with another
+  run_dir cannot continue, prune or overwrite that run's checkpoints either;
 - checkpoint.resume=none in a directory that holds checkpoints is refused unless
   checkpoint.overwrite=true (then those checkpoints and eval.json are deleted: a new run never
   mixes with an older, longer one);
@@ -12,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 from pretrain.checkpoint.layout import checkpoints_root, list_checkpoints
 from pretrain.checkpoint.lock import DirectoryLock
 from pretrain.config import ConfigError, RunConfig
+from pretrain.files import write_atomic
 
 
 def checkpoint_home(run_dir: Path, target: str | None) -> Path:
@@ -51,6 +55,27 @@ def link_checkpoint_dir(run_dir: Path, home: Path) -> None:
         link.symlink_to(home, target_is_directory=True)
 
 
+OWNER = ".owner.json"
+
+
+def check_owner(run_dir: Path, home: Path, target: str) -> None:
+    """checkpoint.dir `home` holds the checkpoints of this run directory (recorded on first use)."""
+    record = home / OWNER
+    here = Path(run_dir).absolute()
+    if not record.is_file():
+        write_atomic(record, json.dumps({"run_dir": str(here)}))
+        return
+    try:
+        owner = Path(json.loads(record.read_text())["run_dir"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return  # unreadable: the lock still keeps two live runs apart
+    same = owner == here or (owner.exists() and here.exists() and os.path.samefile(owner, here))
+    if not same:
+        raise ConfigError(f"checkpoint.dir={target!r}: holds the checkpoints of run {owner} (recorded in {record}); "
+                          f"use that run_dir to continue it, or give this run another checkpoint.dir (if that "
+                          f"run directory was moved to {here}, remove {record})")
+
+
 def check_new_run(cfg: RunConfig, run_dir: Path) -> None:
     """resume=none over existing checkpoints: refuse, or (overwrite) delete them."""
     if cfg.checkpoint.resume != "none":
@@ -81,6 +106,8 @@ def prepare_checkpoint_dir(cfg: RunConfig, run_dir: Path) -> DirectoryLock:
     home = checkpoint_home(run_dir, cfg.checkpoint.dir)
     lock = DirectoryLock(home, run_dir).acquire()
     try:
+        if cfg.checkpoint.dir:
+            check_owner(run_dir, home, cfg.checkpoint.dir)
         link_checkpoint_dir(run_dir, home)
         check_new_run(cfg, run_dir)
         remove_partial_saves(run_dir)
