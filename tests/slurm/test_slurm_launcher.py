@@ -106,6 +106,20 @@ def test_preemption_before_the_worker_can_answer_still_requeues(slurm_cluster, t
     assert ready(text, 1)
 
 
+def test_preemption_of_the_step_alone_still_requeues(default_preemption, tmp_path):
+    """Without preempt_send_user_signal only the step's processes get SIGTERM, not the batch shell:
+    the fallback requeue must go by Slurm's PreemptTime, not by a signal the shell never got."""
+    job = submit(tmp_path, ["--nodes=2", "--exclusive"], [], PROBE_NO_HANDLER="1", **PROBE_ENV)
+    wait_for(lambda: len(ready(log(tmp_path, job), 0)) == 2, 120, "2 workers", job, tmp_path)
+    subprocess.run(["sbatch", "--partition=high", "--nodes=2", "--exclusive", f"--output={tmp_path}/high-%j.out",
+                    "--wrap", "sleep 2"], check=True, capture_output=True)
+    assert wait_done(job, tmp_path, 240) == "COMPLETED"
+    text = log(tmp_path, job)
+    assert "=== batch: got SIG" not in text, text[-3000:]  # the shell was not signalled
+    assert "=== requeued: preempted at" in text and job_field(job, "Restarts") == "1", text[-3000:]
+    assert ready(text, 1)
+
+
 def test_unanswered_time_limit_warning_does_not_requeue(slurm_cluster, tmp_path):
     job = submit(tmp_path, ["--nodes=1"], [], PROBE_NO_HANDLER="1", **PROBE_ENV)
     wait_for(lambda: len(ready(log(tmp_path, job), 0)) == 1, 120, "the worker", job, tmp_path)
