@@ -121,3 +121,16 @@ def _data_dir(run: Path) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.load(run / "config.yaml").data.dir
+
+
+def test_a_nonfinite_evaluation_never_becomes_eval_json(tmp_path):
+    from pretrain.evaluation.eval_file import destination
+    from pretrain.operations.nonfinite import finite_tree
+
+    path = tmp_path / "eval.json"
+    bad = {"exits": {"1": {"loss": float("nan")}}, "checkpoint_step": 3, "tokens": 64}
+    where, note = destination(path, bad, finite_tree)  # even with no eval.json yet
+    assert where == tmp_path / "eval-step_00000003.json" and "non-finite" in note
+    path.write_text('{"exits": {"1": {"loss": NaN}}, "step": 9}')  # a bad one from an older version
+    good = {"exits": {"1": {"loss": 3.0}}, "checkpoint_step": 3, "tokens": 64}
+    assert destination(path, good, finite_tree) == (path, f"replaced {path}, which held non-finite values")

@@ -2,12 +2,12 @@
 reads its (E, γ) from) is never replaced by a worse-founded one without saying so.
 
 An evaluation's basis is (checkpoint step, data, tokens evaluated). A new evaluation replaces the
-run's eval.json unless it is worse-founded than the one there:
-    - it holds non-finite values;
+run's eval.json unless it holds non-finite values or is worse-founded than the one there:
     - it was made on other data than the existing one (`--data-dir` of another corpus);
     - it evaluated an older checkpoint, or fewer tokens (e.g. --batches 1 after the trainer's 16).
 Then eval.json is kept and the new one is written beside it (eval-step_<N>[-<data>].json), and the
-caller prints why. An eval.json that cannot be read is kept too (it may be the user's).
+caller prints why. An eval.json that cannot be read is kept too (it may be the user's); one that
+holds non-finite values is replaced.
 """
 from __future__ import annotations
 
@@ -30,10 +30,8 @@ def data_of(result: dict) -> list[str] | None:
     return sorted(data) if isinstance(data, list) else None
 
 
-def worse_founded(new: dict, old: dict, new_finite: bool) -> str | None:
+def worse_founded(new: dict, old: dict) -> str | None:
     """Why `new` is worse-founded than `old` (None: it is not, `new` may replace `old`)."""
-    if not new_finite:
-        return "it holds non-finite values"
     if data_of(new) != data_of(old):
         return f"it used other data ({', '.join(data_of(new) or ['the run’s own'])})"
     new_step, old_step = checkpoint_step(new), checkpoint_step(old)
@@ -58,6 +56,8 @@ def beside(path: Path, result: dict) -> Path:
 def destination(path: Path, result: dict, finite: Callable[[object], bool]) -> tuple[Path, str | None]:
     """(where to write `result`, a note for the user or None) for the run's eval.json `path`;
     `finite(value)` says whether a JSON value holds no NaN/inf."""
+    if not finite(result):  # never the eval.json generate reads its (E, γ) from
+        return beside(path, result), f"this evaluation holds non-finite values; {path} left as it was"
     if not path.exists():
         return path, None
     try:
@@ -68,9 +68,8 @@ def destination(path: Path, result: dict, finite: Callable[[object], bool]) -> t
         where = beside(path, result)
         return where, f"kept {path} (unreadable: {err}); this evaluation is in {where}"
     if not finite(old):  # the one there is no good: anything finite is better founded
-        return (path, f"replaced {path}, which held non-finite values") if finite(result) else \
-            (beside(path, result), f"this evaluation holds non-finite values; written to {beside(path, result)}")
-    why = worse_founded(result, old, finite(result))
+        return path, f"replaced {path}, which held non-finite values"
+    why = worse_founded(result, old)
     if why is None:
         return path, f"replaced {path} (step {checkpoint_step(old)}, {old.get('tokens', '?')} tokens)"
     where = beside(path, result)

@@ -69,6 +69,13 @@ def exit_code_after_signal(signum: int, codes: list[int], nproc: int | None) -> 
                           f"(exit codes {sorted(set(codes)) or 'none'}); the others were stopped")
 
 
+def ignore_late_signals() -> None:
+    """torchrun is done; a repeated signal (srun terminating the step after the first one) must not
+    kill it now and turn the exit code it is about to return into 128 + signal."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
         return code
     finally:
+        ignore_late_signals()
         shutil.rmtree(exit_dir, ignore_errors=True)
 
 

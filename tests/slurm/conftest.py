@@ -1,5 +1,6 @@
 """Fixtures of the Slurm suite: the local two-node cluster (started for the session and torn down
-after it, unless one was up already), the prepared data, and the single-process reference run."""
+after it, unless one was up already), the same cluster as Slurm ships it (`default_preemption`),
+the prepared data, and the single-process reference run."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from cluster import Cluster, down, node_states, up
+from cluster import Cluster, down, node_states, set_user_signal_on_preemption, up
 from jobs import ROOT, RUN_ENABLED, overrides, train_losses
 
 
@@ -27,6 +28,15 @@ def slurm_cluster():
     yield cluster
     if started and os.environ.get("LAYERSKIP_SLURM_KEEP") != "1":
         down(cluster)
+
+
+@pytest.fixture
+def default_preemption(slurm_cluster):
+    """The cluster as Slurm ships: no preempt_send_user_signal (preemption sends SIGTERM to every
+    process of the step, W&B's service included, and no warning to the batch shell)."""
+    set_user_signal_on_preemption(slurm_cluster, False)
+    yield
+    set_user_signal_on_preemption(slurm_cluster, True)
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,9 @@ def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tmp_path):
     assert state(job) == "CANCELLED" and job_field(job, "Restarts") == "0"
 
 
-def test_preemption_before_the_worker_can_answer_still_requeues(slurm_cluster, tmp_path):
+def preempt_unanswering_workers(tmp_path) -> str:
+    """Two workers that die of any signal, preempted by a job in `high`; the job must requeue
+    itself by the fallback and complete. Returns its log."""
     job = submit(tmp_path, ["--nodes=2", "--exclusive"], [], PROBE_NO_HANDLER="1", **PROBE_ENV)
     wait_for(lambda: len(ready(log(tmp_path, job), 0)) == 2, 120, "2 workers", job, tmp_path)
     subprocess.run(["sbatch", "--partition=high", "--nodes=2", "--exclusive", f"--output={tmp_path}/high-%j.out",
@@ -104,6 +106,18 @@ def test_preemption_before_the_worker_can_answer_still_requeues(slurm_cluster, t
     text = log(tmp_path, job)
     assert "=== requeued: preempted at" in text and job_field(job, "Restarts") == "1", text[-3000:]
     assert ready(text, 1)
+    return text
+
+
+def test_preemption_before_the_worker_can_answer_still_requeues(slurm_cluster, tmp_path):
+    preempt_unanswering_workers(tmp_path)
+
+
+def test_preemption_of_the_step_alone_still_requeues(default_preemption, tmp_path):
+    """Without preempt_send_user_signal only the step's processes get SIGTERM, not the batch shell:
+    the fallback requeue must go by Slurm's PreemptTime, not by a signal the shell never got."""
+    text = preempt_unanswering_workers(tmp_path)
+    assert "=== batch: got SIG" not in text, text[-3000:]  # the shell was not signalled
 
 
 def test_unanswered_time_limit_warning_does_not_requeue(slurm_cluster, tmp_path):
