@@ -4,8 +4,10 @@ Each block is compiled on its own (after tensor parallelism and activation check
 FSDP, as torchtitan does): the blocks are identical, so one graph serves them all, and the code
 between blocks - row-subset layer dropout, exit heads, the (chunked) exit loss, the pipeline's
 send/receive - stays eager. `fullgraph=True`: a graph break inside a block is an error, not a
-silent slowdown. `dynamic=True`: layer dropout runs a block on a varying number of rows, which must
-not compile a graph per row count.
+silent slowdown. Layer dropout runs a block on a varying number of rows, which must not compile a
+graph per row count: the row dimension is marked dynamic, every other size stays static (with
+`dynamic=True`, all sizes symbolic, TP x FSDP2 failed to trace in torch 2.13: "mul expected 2
+arguments, got 3" building a symbolic size expression).
 
 Tensor parallelism hands a block an `AsyncCollectiveTensor` (the embedding's reduce-scatter onto
 the sequence dimension returns one; so does a view of a block's output): a tensor subclass whose
@@ -35,17 +37,18 @@ class WaitForCollective(torch.autograd.Function):
         return grad
 
 
-def plain_inputs(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook: the block's positional inputs with every AsyncCollectiveTensor waited for."""
-    if not any(isinstance(a, AsyncCollectiveTensor) for a in args):
-        return None
-    return tuple(WaitForCollective.apply(a) if isinstance(a, AsyncCollectiveTensor) else a for a in args)
+def block_inputs(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the block's positional inputs with every AsyncCollectiveTensor waited for,
+    and the activation's row dimension marked dynamic (the only size layer dropout varies)."""
+    args = tuple(WaitForCollective.apply(a) if isinstance(a, AsyncCollectiveTensor) else a for a in args)
+    torch._dynamo.maybe_mark_dynamic(args[0], 0)
+    return args
 
 
 def compile_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
     """The block compiled (an OptimizedModule holding it as `_orig_mod`), its inputs made plain first."""
-    compiled = torch.compile(block, backend=backend, fullgraph=True, dynamic=True)
-    compiled.register_forward_pre_hook(plain_inputs)
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    compiled.register_forward_pre_hook(block_inputs)
     return compiled
 
 

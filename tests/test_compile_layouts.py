@@ -50,14 +50,15 @@ def test_compiled_tensor_parallel_trains_like_eager(prepared_data, tmp_path):
     results = torchrun(2, "train_entry.py", [
         job("eager", prepared_data, tmp_path / "eager", *tp2),
         job("compiled", prepared_data, tmp_path / "compiled", *tp2, "train.compile=true",
-            "train.compile_backend=aot_eager")], timeout=400)
+            "train.compile_backend=aot_eager", "train.watchdog_factor=0")], timeout=400)
     losses = {r["job"]: r["losses"] for r in results}
     assert sorted(losses["eager"]) == sorted(losses["compiled"]) and len(losses["eager"]) == STEPS
     for step, loss in losses["eager"].items():
         assert abs(losses["compiled"][step] - loss) <= LOSS_RTOL * abs(loss), (step, losses)
     rows = train_rows(tmp_path / "compiled")
     assert [r["loss"] for r in rows] == [losses["compiled"][str(r["step"])] for r in rows]
-    assert all(r["compile_graphs"] >= 1 and r["compile_s"] > 0 for r in rows)   # the blocks were compiled
+    # the blocks were compiled, counted from the first compilation (also without the watchdog)
+    assert all(r["compile_graphs"] >= 1 and r["compile_s"] > 0 for r in rows)
     assert rows[-1]["compile_recompiles"] <= MAX_RECOMPILES
     assert "compile_recompiles" not in train_rows(tmp_path / "eager")[0]
 
