@@ -98,7 +98,7 @@ def measure_layout(layout: str, device: torch.device, dry_run: bool, steps: int,
     try:
         dims.build_mesh()
         torch._dynamo.reset()
-        comp = train(cfg, dims)   # first: compiling after an eager FSDP2 run on the same mesh failed to trace
+        comp = train(cfg, dims)
         eager = train(run_config(layout, dry_run, steps, False, backend), dims)
     finally:
         dist.destroy_process_group()

@@ -20,7 +20,8 @@ import pytest
 
 from parallel_scripts.launch import torchrun
 from test_parallel_equality import check
-from test_parallel_training import STEPS, job
+from test_parallel_training import STEPS, job, run_config
+from pretrain.trainer.loop import train
 
 RUN_MATRIX = os.environ.get("LAYERSKIP_COMPILE_TESTS") == "1"
 LOSS_RTOL = 1e-5
@@ -61,6 +62,17 @@ def test_compiled_tensor_parallel_trains_like_eager(prepared_data, tmp_path):
     assert all(r["compile_graphs"] >= 1 and r["compile_s"] > 0 for r in rows)
     assert rows[-1]["compile_recompiles"] <= MAX_RECOMPILES
     assert "compile_recompiles" not in train_rows(tmp_path / "eager")[0]
+
+
+def test_one_process_compiled_run_evaluates_and_decodes(prepared_data, tmp_path):
+    """The final evaluation decodes through the training model's blocks: they run eagerly there
+    (compiled, each decoded token's new sizes recompiled until fullgraph's recompile limit failed)."""
+    cfg = run_config(prepared_data, tmp_path / "one", "train.steps=2", "train.compile=true",
+                     "train.compile_backend=aot_eager", "eval.decode_prompts=2", "eval.decode_prompt_len=8",
+                     "eval.decode_new_tokens=8")
+    summary = train(cfg)
+    assert sorted(summary["losses"]) == [0, 1] and summary["eval"]["decoding"]
+    assert train_rows(tmp_path / "one")[-1]["compile_graphs"] >= 1
 
 
 # ---- make test-compile: the whole matrix with inductor
