@@ -13,9 +13,10 @@ Tensor parallelism hands a block an `AsyncCollectiveTensor` (the embedding's red
 the sequence dimension returns one; so does a view of a block's output): a tensor subclass whose
 collective has not been waited on yet. Entering a compiled region as an input, it breaks the
 backward (AOTAutograd returns a plain tensor where DTensor's redistribute expects a DTensor:
-"'Tensor' object has no attribute '_local_tensor'"; pytorch/pytorch#184980, #179849 fixes it
-inside torch in later releases). `WaitForCollective` therefore waits for such an input at the
-block's boundary - the wait any op on it would do next - and passes gradients through unchanged.
+"'Tensor' object has no attribute '_local_tensor'"; the same class of failure as
+pytorch/pytorch#184980, and #179849 unwraps such inputs inside torch). `WaitForCollective` therefore
+waits for such an input at the block's boundary - the wait any op on it would do next - and passes
+gradients through unchanged.
 """
 from __future__ import annotations
 

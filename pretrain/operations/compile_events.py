@@ -5,8 +5,8 @@ Fed by torch's compilation callbacks (torch._dynamo.callback), which fire around
 compilation (a first compile, or a recompile after a guard failed) and around the lazy compilation
 of a backward graph (AOTAutograd compiles it at the first backward). Recompile: a compilation of a
 frame that was compiled before (CompileId frame_compile_id > 0). Blocks share one code object, so
-the count is over all blocks: a handful over a run is the dynamic-shape variants settling (row
-counts 1 / even / odd under layer dropout); a count that keeps growing with the steps is a
+the count is over all blocks: a handful over a run is the shape variants settling (a block first
+run on one row under layer dropout is specialised); a count that keeps growing with the steps is a
 recompile storm (logged as `compile_recompiles` in metrics.jsonl).
 
 The hang watchdog (pretrain/operations/watchdog.py) reads `active` and `last_end`: time spent
