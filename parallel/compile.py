@@ -48,7 +48,8 @@ def block_inputs(module: nn.Module, args: tuple) -> tuple:
 
 def compile_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
     """The block compiled (an OptimizedModule holding it as `_orig_mod`), its inputs made plain first."""
-    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    # (with compilation switched off - TORCH_COMPILE_DISABLE=1 - fullgraph would refuse to run at all)
+    compiled = torch.compile(block, backend=backend, fullgraph=not torch._dynamo.config.disable)
     compiled.register_forward_pre_hook(block_inputs)
     return compiled
 
