@@ -3,7 +3,8 @@
 In `make test` (cheap): the real trainer entry under tensor parallelism - the layout whose backward
 used to fail ("'Tensor' object has no attribute '_local_tensor'") - compiled with the aot_eager
 backend (the same Dynamo/AOTAutograd tracing as inductor, without inductor's code generation), gives
-the eager run's losses and writes the compile counts to metrics.jsonl.
+the eager run's losses and writes the compile counts to metrics.jsonl; a compiled one-process run
+evaluates and decodes at its end.
 
 In `make test-compile` (LAYERSKIP_COMPILE_TESTS=1; inductor, about 15-20 minutes on 2 busy cores):
 every layout - FSDP, HSDP, TP + sequence parallel, every pipeline schedule, their 2-D combinations -
