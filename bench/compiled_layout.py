@@ -90,7 +90,7 @@ def train(cfg: RunConfig, dims) -> dict:
 
 
 def measure_layout(layout: str, device: torch.device, dry_run: bool, steps: int, backend: str) -> dict:
-    """Eager, then compiled, in one fake process group of the layout's world size."""
+    """Compiled, then eager, in one fake process group of the layout's world size."""
     cfg = run_config(layout, dry_run, steps, True, backend)
     dims = check_layout(cfg, cfg.parallel.dp_shard * cfg.parallel.tp)
     dims.device = device
@@ -98,8 +98,8 @@ def measure_layout(layout: str, device: torch.device, dry_run: bool, steps: int,
     try:
         dims.build_mesh()
         torch._dynamo.reset()
-        eager = train(run_config(layout, dry_run, steps, False, backend), dims)
         comp = train(cfg, dims)
+        eager = train(run_config(layout, dry_run, steps, False, backend), dims)
     finally:
         dist.destroy_process_group()
     rel = max(abs(a - b) / abs(b) for a, b in zip(comp["losses"], eager["losses"]))

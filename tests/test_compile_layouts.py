@@ -3,7 +3,8 @@
 In `make test` (cheap): the real trainer entry under tensor parallelism - the layout whose backward
 used to fail ("'Tensor' object has no attribute '_local_tensor'") - compiled with the aot_eager
 backend (the same Dynamo/AOTAutograd tracing as inductor, without inductor's code generation), gives
-the eager run's losses and writes the compile counts to metrics.jsonl.
+the eager run's losses and writes the compile counts to metrics.jsonl; a compiled one-process run
+evaluates and decodes at its end.
 
 In `make test-compile` (LAYERSKIP_COMPILE_TESTS=1; inductor, about 15-20 minutes on 2 busy cores):
 every layout - FSDP, HSDP, TP + sequence parallel, every pipeline schedule, their 2-D combinations -
@@ -20,11 +21,12 @@ import pytest
 
 from parallel_scripts.launch import torchrun
 from test_parallel_equality import check
-from test_parallel_training import STEPS, job
+from test_parallel_training import STEPS, job, run_config
+from pretrain.trainer.loop import train
 
 RUN_MATRIX = os.environ.get("LAYERSKIP_COMPILE_TESTS") == "1"
 LOSS_RTOL = 1e-5
-MAX_RECOMPILES = 4      # per process over 30 steps: the dynamic-shape variants (row counts 1 / even / odd)
+MAX_RECOMPILES = 4      # per process over 30 steps: the shape variants (a block run on one row is specialised)
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +52,28 @@ def test_compiled_tensor_parallel_trains_like_eager(prepared_data, tmp_path):
     results = torchrun(2, "train_entry.py", [
         job("eager", prepared_data, tmp_path / "eager", *tp2),
         job("compiled", prepared_data, tmp_path / "compiled", *tp2, "train.compile=true",
-            "train.compile_backend=aot_eager")], timeout=400)
+            "train.compile_backend=aot_eager", "train.watchdog_factor=0")], timeout=400)
     losses = {r["job"]: r["losses"] for r in results}
     assert sorted(losses["eager"]) == sorted(losses["compiled"]) and len(losses["eager"]) == STEPS
     for step, loss in losses["eager"].items():
         assert abs(losses["compiled"][step] - loss) <= LOSS_RTOL * abs(loss), (step, losses)
     rows = train_rows(tmp_path / "compiled")
     assert [r["loss"] for r in rows] == [losses["compiled"][str(r["step"])] for r in rows]
-    assert all(r["compile_graphs"] >= 1 and r["compile_s"] > 0 for r in rows)   # the blocks were compiled
+    # the blocks were compiled, counted from the first compilation (also without the watchdog)
+    assert all(r["compile_graphs"] >= 1 and r["compile_s"] > 0 for r in rows)
     assert rows[-1]["compile_recompiles"] <= MAX_RECOMPILES
     assert "compile_recompiles" not in train_rows(tmp_path / "eager")[0]
+
+
+def test_one_process_compiled_run_evaluates_and_decodes(prepared_data, tmp_path):
+    """The final evaluation decodes through the training model's blocks: they run eagerly there
+    (compiled, each decoded token's new sizes recompiled until fullgraph's recompile limit failed)."""
+    cfg = run_config(prepared_data, tmp_path / "one", "train.steps=2", "train.compile=true",
+                     "train.compile_backend=aot_eager", "eval.decode_prompts=2", "eval.decode_prompt_len=8",
+                     "eval.decode_new_tokens=8")
+    summary = train(cfg)
+    assert sorted(summary["losses"]) == [0, 1] and summary["eval"]["decoding"]
+    assert train_rows(tmp_path / "one")[-1]["compile_graphs"] >= 1
 
 
 # ---- make test-compile: the whole matrix with inductor

@@ -5,8 +5,8 @@ Fed by torch's compilation callbacks (torch._dynamo.callback), which fire around
 compilation (a first compile, or a recompile after a guard failed) and around the lazy compilation
 of a backward graph (AOTAutograd compiles it at the first backward). Recompile: a compilation of a
 frame that was compiled before (CompileId frame_compile_id > 0). Blocks share one code object, so
-the count is over all blocks: a handful over a run is the dynamic-shape variants settling (row
-counts 1 / even / odd under layer dropout); a count that keeps growing with the steps is a
+the count is over all blocks: a handful over a run is the shape variants settling (a block first
+run on one row under layer dropout is specialised); a count that keeps growing with the steps is a
 recompile storm (logged as `compile_recompiles` in metrics.jsonl).
 
 The hang watchdog (pretrain/operations/watchdog.py) reads `active` and `last_end`: time spent
@@ -14,6 +14,7 @@ compiling is not a hang.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,8 +43,9 @@ class CompileEvents:
 
     def ended(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        self.active = max(0, self.active - 1)
-        self.seconds += now - self._started
+        if self.active:   # (none: registered while this compilation ran; its start went unseen)
+            self.active -= 1
+            self.seconds += now - self._started
         self.last_end = now
 
     def metrics(self) -> dict[str, float]:
@@ -66,11 +68,14 @@ _lock = threading.Lock()
 
 
 def compile_events() -> CompileEvents:
-    """This process's CompileEvents, registered with torch's compilation callbacks (again, if
-    torch._dynamo.reset() cleared them since)."""
+    """This process's CompileEvents, registered with torch's compilation callbacks once torch._dynamo
+    is imported (torch.compile imports it; a process that never compiles does not pay for the
+    import), and again if torch._dynamo.reset() cleared them. Cheap: call it where it is read."""
     global _callbacks
-    from torch._dynamo.callback import callback_handler
-
+    module = sys.modules.get("torch._dynamo.callback")
+    if module is None:
+        return _events
+    callback_handler = module.callback_handler
     with _lock:
         if not _callbacks or _callbacks[0] not in callback_handler.start_callbacks:
             _callbacks = (lambda args: _events.started(args.callback_trigger.name, args.compile_id),

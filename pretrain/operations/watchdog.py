@@ -80,7 +80,7 @@ class Watchdog:
         self.step = 0
         self.progress = time.time()
         self.paused = 0
-        self.compiles = compile_events() if compiles is None else compiles
+        self._compiles = compiles   # None: this process's (compile_events(), looked up when read)
         self._step_compiles = 0     # compilations (forward + backward) seen when the step started
         self.exit_fn = exit_fn
         self.stream = stream or sys.stderr
@@ -98,6 +98,10 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="layerskip-watchdog", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def compiles(self) -> CompileEvents:
+        return compile_events() if self._compiles is None else self._compiles
 
     def _compile_count(self) -> int:
         return self.compiles.compiles + self.compiles.backward_compiles

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from pretrain.checkpoint.checkpointer import Checkpointer
@@ -80,8 +81,10 @@ def evaluate_on_main(cfg: RunConfig, trainer: Trainer, val: dict[str, PackedData
     model = trainer.evaluation_model()
     result = {}
     if model is not None:
-        result = {**evaluate(model, val, trainer.dims.device, cfg.eval), "step": step}
-        result.update(downstream_at_evaluation(model, cfg, step, logger))   # eval.tasks (off by default)
+        # blocks compiled for training run eagerly here: decoding changes every size each token
+        with torch.compiler.set_stance("force_eager"):
+            result = {**evaluate(model, val, trainer.dims.device, cfg.eval), "step": step}
+            result.update(downstream_at_evaluation(model, cfg, step, logger))   # eval.tasks (off by default)
         logger.log({"step": step, **{f"exit_{l}": s for l, s in result["exits"].items()},
                     "best": result.get("best", {}), "decoding": result.get("decoding", {}),
                     "sources": result.get("sources", {})}, kind="eval")

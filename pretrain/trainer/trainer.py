@@ -17,6 +17,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from pretrain.config import RunConfig
 from pretrain.layerskip.plan import StepPlan
 from pretrain.model import LayerSkipTransformer
+from pretrain.operations.compile_events import compile_events
 from pretrain.trainer.build import OptimizerParts, build_optimizer
 from pretrain.trainer.step import LayerSkipStep, StepResult, count_step_tokens, split_micro_batches
 from parallel.consolidate import consolidated_model
@@ -37,6 +38,8 @@ class Trainer:
         self.stages = split_into_stages(model.to(dims.device), dims.num_stages,
                                         stages_of_rank(dims.pp_rank, dims.pp, dims.virtual_stages), seq_shards=dims.tp)
         self.model_parts: list[nn.Module] = [parallelize(part, dims, settings) for _, part in self.stages]
+        if tr.compile:
+            compile_events()   # counting from the first compilation (metrics, hang watchdog)
         self.optimizer = OptimizerParts([build_optimizer(cfg, part, dims.device) for part in self.model_parts])
         self.schedule = None
         if dims.pp > 1:

@@ -27,11 +27,11 @@ torch.set_num_threads(1)
 def tiny_config(*, steps: int = 3, global_batch: int = 8, micro_batch: int = 2, seq_len: int = 16,
                 p_max: float = 0.5, tie: bool = False, adam_eps: float = 1e-8,
                 activation_checkpointing: bool = False, checkpoint_heads: bool = False, compile: bool = False,
-                loss_chunk_tokens: int = 0, **parallel) -> RunConfig:
+                compile_backend: str = "inductor", loss_chunk_tokens: int = 0, **parallel) -> RunConfig:
     cfg = RunConfig(model=tiny_model_config(vocab_size=64, tie_embeddings=tie))
     tr = cfg.train
     tr.steps, tr.global_batch_size, tr.micro_batch_size, tr.seq_len, tr.device = steps, global_batch, micro_batch, seq_len, "cpu"
-    tr.activation_checkpointing, tr.compile = activation_checkpointing, compile
+    tr.activation_checkpointing, tr.compile, tr.compile_backend = activation_checkpointing, compile, compile_backend
     ls = cfg.layerskip
     ls.early_exit.checkpoint_heads, ls.early_exit.loss_chunk_tokens = checkpoint_heads, loss_chunk_tokens
     ls.layer_dropout.p_max, ls.layer_dropout.time_scale = p_max, "constant"

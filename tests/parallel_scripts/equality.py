@@ -6,7 +6,8 @@ loss and per-exit losses at every step, final parameters, and the pipeline's exi
 
 Each argument is one layout: comma-separated ParallelConfig fields (plus tie=1, p_max=0.9,
 global_batch=N, micro_batch=N, steps=N, eps=X (Adam), ac=1 (activation checkpointing),
-ckpt_heads=1 (recomputed exit heads)).
+ckpt_heads=1 (recomputed exit heads), compile=1 (train.compile), backend=NAME (its backend), chunk=N
+(layerskip.early_exit.loss_chunk_tokens)).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ CFG_KEYS = {"tie": ("tie", lambda v: bool(int(v))), "p_max": ("p_max", float),
             "global_batch": ("global_batch", int), "micro_batch": ("micro_batch", int), "steps": ("steps", int),
             "eps": ("adam_eps", float), "ac": ("activation_checkpointing", lambda v: bool(int(v))),
             "ckpt_heads": ("checkpoint_heads", lambda v: bool(int(v))), "export": ("export", lambda v: bool(int(v))),
-            "compile": ("compile", lambda v: bool(int(v))), "chunk": ("loss_chunk_tokens", int)}
+            "compile": ("compile", lambda v: bool(int(v))), "chunk": ("loss_chunk_tokens", int),
+            "backend": ("compile_backend", str)}
 
 
 def parse(spec: str) -> tuple[dict, dict]:
@@ -53,7 +55,8 @@ def run_layout(spec: str, references: dict) -> dict:
     export = cfg_kwargs.pop("export", False)
     cfg = tiny_config(**cfg_kwargs, **parallel)
     ref_key = tuple(sorted((k, v) for k, v in cfg_kwargs.items()
-                           if k not in ("activation_checkpointing", "checkpoint_heads", "compile", "loss_chunk_tokens")))
+                           if k not in ("activation_checkpointing", "checkpoint_heads", "compile", "loss_chunk_tokens",
+                                        "compile_backend")))
     if ref_key not in references:
         references[ref_key] = reference_run(tiny_config(**cfg_kwargs))
     ref_losses, ref_exits, ref_state = references[ref_key]
