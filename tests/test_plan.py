@@ -11,9 +11,9 @@ from pretrain.model import LayerSkipTransformer
 from pretrain.plan.__main__ import main
 from pretrain.plan.devices import DEVICES
 from pretrain.plan.estimate import predict_throughput
-from pretrain.plan.memory import StepMemory
-from pretrain.plan.simulate import (RankMemory, exit_bytes_per_exit, extrapolate, in_flight_micro_batches, stage_ranks,
-                                    worst_exit_step)
+from pretrain.plan.extrapolate import exit_bytes_per_exit, extrapolate
+from pretrain.plan.memory import RankMemory, StepMemory
+from pretrain.plan.simulate import in_flight_micro_batches, stage_ranks, worst_exit_step
 from parallel.dims import ParallelDims
 
 TINY = ["model=tiny", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-from dataclasses import dataclass
 
 import torch
 
@@ -14,10 +13,11 @@ from pretrain.config import RunConfig, check_layout
 from pretrain.layerskip.plan import step_plan
 from pretrain.model import LayerSkipTransformer
 from pretrain.plan.fake_cluster import fake_process_group, fake_tensors, keep_in_place
-from pretrain.plan.memory import StepMemory, random_batch, tracked_step
+from pretrain.plan.extrapolate import exits_on_stages, extrapolate_ranks, with_layers
+from pretrain.plan.memory import RankMemory, StepMemory, random_batch, tracked_step
 from pretrain.trainer.trainer import Trainer
 from parallel.dims import ParallelDims
-from parallel.stage import stage_layer_ranges, stages_of_rank
+from parallel.stage import stages_of_rank
 
 
 def worst_case_config(cfg: RunConfig) -> RunConfig:
@@ -59,17 +59,6 @@ def in_flight_micro_batches(dims: ParallelDims, pp_rank: int) -> int:
     if dims.pp_schedule == "1F1B":
         return min(m, pp - pp_rank)
     return min(m * v, (v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1)
-
-
-@dataclass
-class RankMemory:
-    rank: int
-    pp_rank: int
-    stages: list[int]                # pipeline stage indices held ([0] without pipelining)
-    memory: StepMemory
-    exit_logits: int | None          # peak - peak of the same step with the final exit only
-    in_flight: int
-    exits_here: int = 0              # exits on at the simulated step on this rank's stages
 
 
 def fewer_micro_batches(cfg: RunConfig, world_size: int, keep: int = 2) -> RunConfig:
@@ -130,24 +119,11 @@ def simulate_layout(cfg: RunConfig, world_size: int, exit_cost: bool = True, lay
     dims = check_layout(cfg, world_size)
     step, exits = worst_exit_step(cfg)
     if 0 < layers < cfg.model.n_layers:
-        short = [_simulate_all(with_layers(cfg, n), world_size, exit_cost) for n in (layers, 2 * layers)]
-        last = dims.num_stages - 1
-        full = [exits_on_stages(cfg, step, r.stages, dims.num_stages) for r in short[0]]
-        per_exit = [exit_bytes_per_exit(a, b, last) for a, b in zip(*short)]
-        known = [p for p in per_exit if p is not None]
-        # a rank with no early exit on at either simulated depth: the largest cost seen on another rank
-        fallback = max(known) if known else 0.0
-        ranks = [extrapolate(a, b, layers, 2 * layers, cfg.model.n_layers, e, last, fallback if p is None else p)
-                 for a, b, e, p in zip(*short, full, per_exit)]
+        shallow, deeper = (_simulate_all(with_layers(cfg, n), world_size, exit_cost) for n in (layers, 2 * layers))
+        ranks = extrapolate_ranks(cfg, dims.num_stages, step, shallow, deeper, layers)
     else:
         ranks = [simulate_rank(cfg, world_size, r, step, exit_cost) for r in stage_ranks(dims)]
     return dims, step, exits, ranks
-
-
-def exits_on_stages(cfg: RunConfig, step: int, stages: list[int], num_stages: int) -> int:
-    """Exits on at `step` whose block lives on one of `stages` (exit l = output of block l-1)."""
-    ranges = stage_layer_ranges(cfg.model.n_layers, num_stages)
-    return sum(any(ranges[s][0] < l <= ranges[s][1] for s in stages) for l in step_plan(cfg, step).exit_weights)
 
 
 def _simulate_all(cfg: RunConfig, world_size: int, exit_cost: bool) -> list[RankMemory]:
@@ -157,51 +133,3 @@ def _simulate_all(cfg: RunConfig, world_size: int, exit_cost: bool) -> list[Rank
     for r in ranks:
         r.exits_here = exits_on_stages(cfg, step, r.stages, dims.num_stages)
     return ranks
-
-
-def with_layers(cfg: RunConfig, n_layers: int) -> RunConfig:
-    """cfg with n_layers blocks (exit_layers beyond them dropped)."""
-    short = copy.deepcopy(cfg)
-    short.model.n_layers = n_layers
-    ee = short.layerskip.early_exit
-    if ee.exit_layers:
-        ee.exit_layers = [l for l in ee.exit_layers if l <= n_layers] or None
-    return short
-
-
-def exit_bytes_per_exit(a: RankMemory, b: RankMemory, last_stage: int) -> float | None:
-    """Bytes one early exit adds at the peak on this rank (from the depth with more of them on it),
-    or None when neither simulated depth had one here (or exit_cost was off)."""
-    final = 1 if last_stage in a.stages else 0     # the final exit belongs to the plain step
-    known = max((a, b), key=lambda r: r.exits_here)
-    if known.exit_logits is None or known.exits_here <= final:
-        return None
-    return known.exit_logits / (known.exits_here - final)
-
-
-def extrapolate(a: RankMemory, b: RankMemory, la: int, lb: int, layers: int, exits_full: int, last_stage: int,
-                per_exit: float) -> RankMemory:
-    """The rank's memory at `layers` blocks from simulations at la and lb blocks.
-
-    Without the early exits' share, every byte count is linear in the blocks (parameters, gradients,
-    optimizer state, activations kept per block; under pipelining a stage's share of them; the
-    embedding, head and one gathered block are the constant): v(L) = v(la) + (v(lb) - v(la))·(L - la)/(lb - la).
-    The early exits' share (exit_logits, known with plan.exit_cost) is per exit on this rank and
-    does not depend on the depth (tokens x vocabulary): per_exit·(exits(L) - f), f = 1 on the rank
-    holding the final exit (part of the plain step), else 0 (`exit_bytes_per_exit`). Without
-    exit_cost the peak is extrapolated linearly."""
-    def line(x: int, y: int) -> int:
-        return int(round(x + (y - x) * (layers - la) / (lb - la)))
-
-    kinds = {k: line(a.memory.by_kind[k], b.memory.by_kind[k]) for k in a.memory.by_kind}
-    exit_logits = None
-    if a.exit_logits is not None and b.exit_logits is not None:
-        plain = line(a.memory.peak - a.exit_logits, b.memory.peak - b.exit_logits)
-        final = 1 if last_stage in a.stages else 0
-        exit_logits = int(round(per_exit * max(0, exits_full - final)))
-        peak = plain + exit_logits
-    else:
-        peak = line(a.memory.peak, b.memory.peak)
-    kinds["Activation"] += peak - sum(kinds.values())   # the breakdown adds up to the extrapolated peak
-    return RankMemory(rank=a.rank, pp_rank=a.pp_rank, stages=a.stages, memory=StepMemory(peak=peak, by_kind=kinds),
-                      exit_logits=exit_logits, in_flight=a.in_flight, exits_here=exits_full)
