@@ -11,6 +11,8 @@ from pretrain.model import LayerSkipTransformer
 from pretrain.plan.__main__ import main
 from pretrain.plan.devices import DEVICES
 from pretrain.plan.estimate import predict_throughput
+from pretrain.plan.extrapolate import exit_bytes_per_exit, extrapolate
+from pretrain.plan.memory import RankMemory, StepMemory
 from pretrain.plan.simulate import in_flight_micro_batches, stage_ranks, worst_exit_step
 from parallel.dims import ParallelDims
 
@@ -82,6 +84,7 @@ def test_search_returns_fitting_layouts_ranked(tmp_path, capsys):
     (["plan.mfu=1.5"], "plan.mfu=1.5: must be in (0, 1]"),
     (["plan.world_size=4", "parallel.tp=4", "model.n_kv_heads=2"], "model.n_kv_heads=2: not divisible by parallel.tp=4"),
     (["plan.world_size=0"], "plan.world_size=0: must be >= 1"),
+    (["plan.world_size=2", "parallel.pp=2", "plan.layers=3"], "plan.layers=3: must be below model.n_layers=4"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main([*TINY, *args]) == 2
@@ -113,3 +116,17 @@ def test_worst_step_in_flight_and_stage_ranks():
     assert in_flight_micro_batches(ParallelDims(pp=4, pp_schedule="GPipe", microbatches=8), 3) == 8
     assert stage_ranks(dims) == [0, 2, 4, 6]
     assert stage_ranks(ParallelDims(pp=8)) == [0, 4, 7]
+
+
+def test_extrapolation_is_linear_in_blocks_and_per_exit():
+    def rank(plain, exit_bytes, exits):
+        kinds = {"Parameter": plain // 2, "Gradient": plain // 2, "Buffer": 0, "Optstate": 0, "Activation": exit_bytes,
+                 "Temp": 0, "Other": 0}
+        return RankMemory(rank=0, pp_rank=0, stages=[0], memory=StepMemory(peak=plain + exit_bytes, by_kind=kinds),
+                          exit_logits=exit_bytes, in_flight=1, exits_here=exits)
+    a, b = rank(100, 10, exits=2), rank(140, 10, exits=2)           # 2 and 4 blocks: 20 bytes a block
+    per_exit = exit_bytes_per_exit(a, b, last_stage=0)
+    assert per_exit == 10                                             # one early exit besides the final one
+    r = extrapolate(a, b, 2, 4, layers=10, exits_full=4, last_stage=0, per_exit=per_exit)
+    assert r.memory.peak == 100 + 20 * 8 + 3 * 10 and r.exit_logits == 30
+    assert sum(r.memory.by_kind.values()) == r.memory.peak and r.memory.by_kind["Parameter"] == 50 + 10 * 8

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"plan.layers={plan.layers}: must be below model.n_layers={cfg.model.n_layers} "
                                   f"and a multiple of the {dims.num_stages} pipeline stages")
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        hint = "; set parallel.* for plan.world_size devices, or plan.search=true" if "world size" in str(err) else ""
+        print(f"config error: {err}{hint}", file=sys.stderr)
         return 2
     if plan.search:
         reports = search_report(cfg, plan, device)

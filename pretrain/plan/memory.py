@@ -73,3 +73,14 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, first_sample: i
     tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g)
     ids = torch.arange(first_sample, first_sample + batch_size)
     return {"tokens": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device), "sample_ids": ids.to(device)}
+
+
+@dataclass
+class RankMemory:
+    rank: int
+    pp_rank: int
+    stages: list[int]                # pipeline stage indices held ([0] without pipelining)
+    memory: StepMemory
+    exit_logits: int | None          # peak - peak of the same step with the final exit only
+    in_flight: int
+    exits_here: int = 0              # exits on at the simulated step on this rank's stages

@@ -7,7 +7,7 @@ import dataclasses
 from pretrain.config import RunConfig
 from pretrain.plan.devices import GIB, Device
 from pretrain.plan.estimate import Throughput
-from pretrain.plan.simulate import RankMemory
+from pretrain.plan.memory import RankMemory
 from parallel.dims import ParallelDims
 
 

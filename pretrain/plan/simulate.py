@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-from dataclasses import dataclass
 
 import torch
 
@@ -14,7 +13,8 @@ from pretrain.config import RunConfig, check_layout
 from pretrain.layerskip.plan import step_plan
 from pretrain.model import LayerSkipTransformer
 from pretrain.plan.fake_cluster import fake_process_group, fake_tensors, keep_in_place
-from pretrain.plan.memory import StepMemory, random_batch, tracked_step
+from pretrain.plan.extrapolate import exits_on_stages, extrapolate_ranks, with_layers
+from pretrain.plan.memory import RankMemory, StepMemory, random_batch, tracked_step
 from pretrain.trainer.trainer import Trainer
 from parallel.dims import ParallelDims
 from parallel.stage import stages_of_rank
@@ -59,16 +59,6 @@ def in_flight_micro_batches(dims: ParallelDims, pp_rank: int) -> int:
     if dims.pp_schedule == "1F1B":
         return min(m, pp - pp_rank)
     return min(m * v, (v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1)
-
-
-@dataclass
-class RankMemory:
-    rank: int
-    pp_rank: int
-    stages: list[int]                # pipeline stage indices held ([0] without pipelining)
-    memory: StepMemory
-    exit_logits: int | None          # peak - peak of the same step with the final exit only
-    in_flight: int
 
 
 def fewer_micro_batches(cfg: RunConfig, world_size: int, keep: int = 2) -> RunConfig:
@@ -124,13 +114,13 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, step: int, exit_co
 def simulate_layout(cfg: RunConfig, world_size: int, exit_cost: bool = True, layers: int = 0
                     ) -> tuple[ParallelDims, int, int, list[RankMemory]]:
     """(resolved dims, worst step, exits on at it, memory of each simulated rank). With 0 < layers <
-    model.n_layers, the model is simulated with `layers` and 2·`layers` blocks and every byte count
-    extrapolated linearly to model.n_layers (see `extrapolate`)."""
+    model.n_layers, the model is simulated with `layers` and 2·`layers` blocks and the memory
+    extrapolated to model.n_layers (see `extrapolate`)."""
     dims = check_layout(cfg, world_size)
     step, exits = worst_exit_step(cfg)
     if 0 < layers < cfg.model.n_layers:
-        short = [_simulate_all(with_layers(cfg, n), world_size, exit_cost) for n in (layers, 2 * layers)]
-        ranks = [extrapolate(a, b, layers, 2 * layers, cfg.model.n_layers) for a, b in zip(*short)]
+        shallow, deeper = (_simulate_all(with_layers(cfg, n), world_size, exit_cost) for n in (layers, 2 * layers))
+        ranks = extrapolate_ranks(cfg, dims.num_stages, step, shallow, deeper, layers)
     else:
         ranks = [simulate_rank(cfg, world_size, r, step, exit_cost) for r in stage_ranks(dims)]
     return dims, step, exits, ranks
@@ -138,28 +128,8 @@ def simulate_layout(cfg: RunConfig, world_size: int, exit_cost: bool = True, lay
 
 def _simulate_all(cfg: RunConfig, world_size: int, exit_cost: bool) -> list[RankMemory]:
     step, _ = worst_exit_step(cfg)
-    return [simulate_rank(cfg, world_size, r, step, exit_cost) for r in stage_ranks(check_layout(cfg, world_size))]
-
-
-def with_layers(cfg: RunConfig, n_layers: int) -> RunConfig:
-    """cfg with n_layers blocks (exit_layers beyond them dropped)."""
-    short = copy.deepcopy(cfg)
-    short.model.n_layers = n_layers
-    ee = short.layerskip.early_exit
-    if ee.exit_layers:
-        ee.exit_layers = [l for l in ee.exit_layers if l <= n_layers] or None
-    return short
-
-
-def extrapolate(a: RankMemory, b: RankMemory, la: int, lb: int, layers: int) -> RankMemory:
-    """Each byte count v(L) = v(la) + (v(lb) - v(la))·(L - la)/(lb - la): parameters, gradients,
-    optimizer state and the activations kept per block grow linearly with the blocks (a stage's
-    share of them under pipelining); with the rotational curriculum the exits on grow ~L/period, so
-    the exit logits do too; what does not depend on L (embedding, head, one gathered block) stays."""
-    def line(x: int | None, y: int | None) -> int | None:
-        return None if x is None or y is None else int(round(x + (y - x) * (layers - la) / (lb - la)))
-
-    kinds = {k: line(a.memory.by_kind[k], b.memory.by_kind[k]) for k in a.memory.by_kind}
-    return RankMemory(rank=a.rank, pp_rank=a.pp_rank, stages=a.stages, memory=StepMemory(
-        peak=line(a.memory.peak, b.memory.peak), by_kind=kinds), exit_logits=line(a.exit_logits, b.exit_logits),
-        in_flight=a.in_flight)
+    dims = check_layout(cfg, world_size)
+    ranks = [simulate_rank(cfg, world_size, r, step, exit_cost) for r in stage_ranks(dims)]
+    for r in ranks:
+        r.exits_here = exits_on_stages(cfg, step, r.stages, dims.num_stages)
+    return ranks
