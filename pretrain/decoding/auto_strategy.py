@@ -27,6 +27,7 @@ output is the full model's either way.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,7 @@ from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.self_speculative import speculative_round
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stepwise import decode_step
-from schedules.speedup import DecodeCosts, best_draft_config
+from schedules.speedup import DecodeCosts, best_draft_config, expected_speedup_with_costs
 
 AUTOREGRESSIVE, SELF_SPECULATIVE = "autoregressive", "self_speculative"
 
@@ -77,7 +78,12 @@ class AutoStrategy:
             self.reason = f"reading the exit until {self.min_evidence} positions are judged"
 
     def _best(self, acceptance: float) -> tuple[int, int, float]:
-        return best_draft_config({self.exit_layer: acceptance}, self.num_layers, self.max_draft_len, self.costs)
+        """(E, γ, predicted speedup): γ from a table over α in steps of 0.01 (kept across calls: a
+        decision each round must cost next to nothing), the speedup at α itself."""
+        table = _best_draft_lens(self.costs, self.exit_layer, self.num_layers, self.max_draft_len)
+        gamma = table[round(acceptance * 100)]
+        return self.exit_layer, gamma, expected_speedup_with_costs(acceptance, gamma, self.exit_layer,
+                                                                   self.num_layers, self.costs)
 
     @property
     def never_drafts(self) -> bool:
@@ -158,3 +164,9 @@ def decode_auto(runner: BlockRunner, seqs: Sequences, auto: AutoStrategy, sampli
             auto.autoregressive_steps += 1
             if evidence is not None:
                 auto.observe(*evidence, stats.generated)
+
+
+@functools.lru_cache(maxsize=64)
+def _best_draft_lens(costs: DecodeCosts, exit_layer: int, num_layers: int, max_draft_len: int) -> tuple[int, ...]:
+    """The best γ in 1..max_draft_len at acceptance α = i/100, i = 0..100."""
+    return tuple(best_draft_config({exit_layer: i / 100}, num_layers, max_draft_len, costs)[1] for i in range(101))
