@@ -6,7 +6,7 @@ the prepared stdlib corpus (pretrain/downstream/next_line_task.py), on models of
 Per run, every exit on `stdlib_next_line` (true next line vs three lines of the same file) and
 `stdlib_next_line_shuffle` (true next line vs its words reordered), accuracy ± the harness's stderr,
 and the difference between the first two runs per exit with its stderr sqrt(s1² + s2²). Then the
-generation variant (`stdlib_next_line_gen`: the next line, greedy, exact match) with autoregressive,
+generation variant (`stdlib_next_line_gen`: the next line, greedy, chrF and exact match) with autoregressive,
 early-exit and self-speculative decoding at each run's best (E, γ) from its eval.json: metric,
 acceptance, tokens/s and speedup over autoregressive decoding of the same prompts.
 Writes bench/results/downstream_next_line.md and .json."""
