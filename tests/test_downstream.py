@@ -138,9 +138,10 @@ def test_pretrain_eval_tasks_writes_table_eval_json_and_figure(checkpoints, caps
     run, _ = checkpoints
     (run / "eval.json").write_text(json.dumps({"exits": {"1": {"loss": 1.0}}, "step": 3}))
     args = ["--checkpoint", str(run), "--tasks", "layerskip_tiny_mc,layerskip_tiny_gen", "--exits", "1,all",
-            "--limit", "6", "--strategies", "self_speculative:1:2", "--plot", "--wandb", "disabled"]
+            "--limit", "6", "--strategies", "self_speculative:1:2", "--plot", "--wandb", "offline"]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert "W&B tables: " in out and list(run.glob("wandb/offline-run-*"))
     assert "layerskip_tiny_mc (acc)" in out and "self_speculative:1:2" in out and "4 (last)" in out
     saved = json.loads((run / "eval.json").read_text())
     assert saved["step"] == 3 and saved["exits"] == {"1": {"loss": 1.0}}   # the other keys kept
@@ -150,6 +151,11 @@ def test_pretrain_eval_tasks_writes_table_eval_json_and_figure(checkpoints, caps
     assert mc["metric"] == "acc,none" and 0 <= mc["value"] <= 1
     assert mc["stderr"] == pytest.approx(math.sqrt(mc["value"] * (1 - mc["value"]) / (6 - 1)))  # sample std / √n
     assert (run / "plots" / "downstream.png").stat().st_size > 1000
+    from pretrain.downstream.report import table_rows
+
+    rows = table_rows(downstream)   # the W&B table: one row per exit and task
+    assert [(r[0], r[1]) for r in rows] == [(e, t) for e in (1, 4) for t in ("layerskip_tiny_gen", "layerskip_tiny_mc")]
+    assert rows[-1][3:] == [mc["value"], mc["stderr"]]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -248,3 +254,17 @@ def test_next_line_task_records_come_from_held_out_source_files(prepared_data, t
     assert "task: shuffled\n" in (tmp_path / "shuffle" / "shuffled.yaml").read_text()
     assert build_main(["--data-dir", str(prepared_data), "--out", str(tmp_path / "file")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_task_whose_data_cannot_be_read_one_line_exit_2(checkpoints, tmp_path, capsys):
+    """A task YAML pointing at a missing local copy (as a hub task without access): one line, exit 2."""
+    from pretrain.eval import main
+
+    (tmp_path / "gone.yaml").write_text((LOCAL_TASKS / "layerskip_tiny_mc.yaml").read_text()
+                                        .replace("task: layerskip_tiny_mc", "task: gone")
+                                        .replace("custom_dataset: !function local_json.load\n", "")
+                                        .replace("test: tiny_mc.jsonl", f"test: {tmp_path / 'missing.jsonl'}"))
+    run, _ = checkpoints
+    assert main(["--checkpoint", str(run), "--tasks", "gone", "--include-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load the data of task(s) gone: ") and "\n" not in err, err
