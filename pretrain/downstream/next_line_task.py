@@ -91,8 +91,9 @@ def next_line_records(documents: list[str], records: int, context_lines: int, se
                 continue
             gold = rng.randrange(4)
             choices.insert(gold, lines[i])
-            out.append({"query": "\n".join(lines[i - context_lines:i]) + "\n", "choices": choices, "gold": gold,
-                        "answer": lines[i]})
+            query = "\n".join(lines[i - context_lines:i]) + "\n"
+            out.append({"query": query, "choices": choices, "gold": gold, "answer": lines[i],
+                        **generation_split(query, lines[i])})
     return out
 
 
@@ -103,10 +104,19 @@ def generation_yaml(name: str, records_path: Path) -> str:
         "# Built by python -m pretrain.downstream.next_line_task: generate the next line of held-out code.",
         f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
         f"    test: {json.dumps(str(records_path.resolve()))}", "test_split: test", "output_type: generate_until",
-        "doc_to_text: query", "doc_to_target: answer", "generation_kwargs:", '  until: ["\\n"]',
-        "  max_gen_toks: 32", "  do_sample: false", "metric_list:", "  - metric: chrf", "  - metric: exact_match",
+        "doc_to_text: prompt", "doc_to_target: target", "generation_kwargs:", '  until: ["\\n"]',
+        "  max_gen_toks: 24", "  do_sample: false", "metric_list:", "  - metric: chrf", "  - metric: exact_match",
         "    aggregation: mean", "    higher_is_better: true", '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]',
         "metadata:", "  version: 1.0", ""])
+
+
+def generation_split(query: str, answer: str) -> dict:
+    """prompt / target of the generation variant: the answer's indentation but its last space moves
+    into the prompt, as a byte-level BPE tokenizer splits code ("\\n   " then " return"), so that the
+    prompt ends where a token of the training text would end and the target starts the first word."""
+    indent = len(answer) - len(answer.lstrip())
+    cut = max(indent - 1, 0)
+    return {"prompt": query + answer[:cut], "target": answer[cut:]}
 
 
 def task_yaml(name: str, records_path: Path) -> str:
