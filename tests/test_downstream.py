@@ -138,9 +138,10 @@ def test_pretrain_eval_tasks_writes_table_eval_json_and_figure(checkpoints, caps
     run, _ = checkpoints
     (run / "eval.json").write_text(json.dumps({"exits": {"1": {"loss": 1.0}}, "step": 3}))
     args = ["--checkpoint", str(run), "--tasks", "layerskip_tiny_mc,layerskip_tiny_gen", "--exits", "1,all",
-            "--limit", "6", "--strategies", "self_speculative:1:2", "--plot", "--wandb", "disabled"]
+            "--limit", "6", "--strategies", "self_speculative:1:2", "--plot", "--wandb", "offline"]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert "W&B tables: " in out and list(run.glob("wandb/offline-run-*"))
     assert "layerskip_tiny_mc (acc)" in out and "self_speculative:1:2" in out and "4 (last)" in out
     saved = json.loads((run / "eval.json").read_text())
     assert saved["step"] == 3 and saved["exits"] == {"1": {"loss": 1.0}}   # the other keys kept
@@ -150,6 +151,11 @@ def test_pretrain_eval_tasks_writes_table_eval_json_and_figure(checkpoints, caps
     assert mc["metric"] == "acc,none" and 0 <= mc["value"] <= 1
     assert mc["stderr"] == pytest.approx(math.sqrt(mc["value"] * (1 - mc["value"]) / (6 - 1)))  # sample std / √n
     assert (run / "plots" / "downstream.png").stat().st_size > 1000
+    from pretrain.downstream.report import table_rows
+
+    rows = table_rows(downstream)   # the W&B table: one row per exit and task
+    assert [(r[0], r[1]) for r in rows] == [(e, t) for e in (1, 4) for t in ("layerskip_tiny_gen", "layerskip_tiny_mc")]
+    assert rows[-1][3:] == [mc["value"], mc["stderr"]]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -196,3 +202,69 @@ def test_task_needing_more_context_than_the_model_has(checkpoints, capsys, monke
     err = capsys.readouterr().err
     assert "task long_mc_mc: a request needs" in err and "--truncate" in err and not loaded
     assert main([*common, "--tasks", "long_mc_mc", "--truncate"]) == 0 and loaded
+
+
+def test_eval_tasks_during_training_match_the_saved_checkpoint(prepared_data, tmp_path, one_thread):
+    """eval.tasks runs the tasks at every exit at the final evaluation: eval.json's "downstream" and
+    the metrics.jsonl record equal a sweep over the saved final checkpoint."""
+    from test_trainer_loop import read_metrics, run_config
+
+    from pretrain.trainer.loop import train
+
+    run_dir = tmp_path / "run"
+    train(run_config(prepared_data, run_dir, "train.steps=2", "eval.tasks=[layerskip_tiny_mc]", "eval.tasks_limit=6",
+                     "eval.decode_prompts=0"))
+    saved = json.loads((run_dir / "eval.json").read_text())["downstream"]
+    source = ModelSource.open(run_dir, torch.device("cpu"))
+    L = source.num_layers
+    assert sorted(map(int, saved["exits"])) == list(range(1, L + 1))
+    again = run_sweep(source, ["layerskip_tiny_mc"], list(range(1, L + 1)), limit=6, progress=lambda line: None)
+    [record] = read_metrics(run_dir, kind="downstream")
+    for e in range(1, L + 1):
+        value = again["exits"][e]["layerskip_tiny_mc"]["value"]
+        assert saved["exits"][str(e)]["layerskip_tiny_mc"]["value"] == value
+        assert record[f"exit_{e}"]["layerskip_tiny_mc"] == value
+
+
+def test_next_line_task_records_come_from_held_out_source_files(prepared_data, tmp_path, capsys):
+    """Every record's context + true next line is a passage of a standard-library file; file distractors
+    are other lines of that file, shuffled ones the same words reordered; --out is never overwritten."""
+    from pretrain.data.corpus import stdlib_files
+    from pretrain.downstream.next_line_task import main as build_main
+
+    assert build_main(["--data-dir", str(prepared_data), "--out", str(tmp_path / "file"), "--records", "12"]) == 0
+    assert build_main(["--data-dir", str(prepared_data), "--out", str(tmp_path / "shuffle"), "--records", "12",
+                       "--distractors", "shuffle", "--name", "shuffled"]) == 0
+    sources = [f.path.read_text() for f in stdlib_files()[:40]]   # what prepared_data was built from (--max-files 40)
+    for kind in ("file", "shuffle"):
+        records = [json.loads(line) for line in (tmp_path / kind / "records.jsonl").read_text().splitlines()]
+        assert len(records) == 12
+        for r in records:
+            assert r["choices"][r["gold"]] == r["answer"] and len({c.strip() for c in r["choices"]}) == 4
+            passage = r["query"] + r["answer"] + "\n"
+            files = [s for s in sources if passage in s]
+            assert files, passage
+            for i, choice in enumerate(r["choices"]):
+                if i == r["gold"]:
+                    continue
+                if kind == "file":
+                    assert any(choice in s.split("\n") for s in files)
+                else:
+                    assert sorted(choice.split()) == sorted(r["answer"].split())
+    assert "task: shuffled\n" in (tmp_path / "shuffle" / "shuffled.yaml").read_text()
+    assert build_main(["--data-dir", str(prepared_data), "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_task_whose_data_cannot_be_read_one_line_exit_2(checkpoints, tmp_path, capsys):
+    """A task YAML pointing at a missing local copy (as a hub task without access): one line, exit 2."""
+    from pretrain.eval import main
+
+    (tmp_path / "gone.yaml").write_text((LOCAL_TASKS / "layerskip_tiny_mc.yaml").read_text()
+                                        .replace("task: layerskip_tiny_mc", "task: gone")
+                                        .replace("custom_dataset: !function local_json.load\n", "")
+                                        .replace("test: tiny_mc.jsonl", f"test: {tmp_path / 'missing.jsonl'}"))
+    run, _ = checkpoints
+    assert main(["--checkpoint", str(run), "--tasks", "gone", "--include-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load the data of task(s) gone: ") and "\n" not in err, err

@@ -13,7 +13,7 @@ or the answer's words reordered (--distractors shuffle: the same tokens, only th
 as continuations with no separator (target_delimiter ""), so `acc` compares whole-line
 log-likelihoods and `acc_norm` per byte. Writes <out>/<name>.yaml (dataset_path: json, data_files:
 the absolute path of <out>/records.jsonl), <out>/<name>_gen.yaml (the same records as a generation
-task: greedy until the newline, exact match of the line) and the records; --out must be new or empty (or
+task: greedy until the newline, chrF and exact match of the line) and the records; --out must be new or empty (or
 --overwrite)."""
 from __future__ import annotations
 
@@ -91,21 +91,32 @@ def next_line_records(documents: list[str], records: int, context_lines: int, se
                 continue
             gold = rng.randrange(4)
             choices.insert(gold, lines[i])
-            out.append({"query": "\n".join(lines[i - context_lines:i]) + "\n", "choices": choices, "gold": gold,
-                        "answer": lines[i]})
+            query = "\n".join(lines[i - context_lines:i]) + "\n"
+            out.append({"query": query, "choices": choices, "gold": gold, "answer": lines[i],
+                        **generation_split(query, lines[i])})
     return out
 
 
 def generation_yaml(name: str, records_path: Path) -> str:
-    """The same records as a generation task: greedy until the newline, exact match of the line."""
+    """The same records as a generation task: greedy until the newline; chrF (character n-gram F-score,
+    graded where a small model rarely gets a whole line right) and exact match of the line."""
     return "\n".join([
         "# Built by python -m pretrain.downstream.next_line_task: generate the next line of held-out code.",
         f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
         f"    test: {json.dumps(str(records_path.resolve()))}", "test_split: test", "output_type: generate_until",
-        "doc_to_text: query", "doc_to_target: answer", "generation_kwargs:", '  until: ["\\n"]',
-        "  max_gen_toks: 32", "  do_sample: false", "metric_list:", "  - metric: exact_match",
+        "doc_to_text: prompt", "doc_to_target: target", "generation_kwargs:", '  until: ["\\n"]',
+        "  max_gen_toks: 24", "  do_sample: false", "metric_list:", "  - metric: chrf", "  - metric: exact_match",
         "    aggregation: mean", "    higher_is_better: true", '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]',
         "metadata:", "  version: 1.0", ""])
+
+
+def generation_split(query: str, answer: str) -> dict:
+    """prompt / target of the generation variant: the answer's indentation but its last space moves
+    into the prompt, as a byte-level BPE tokenizer splits code ("\\n   " then " return"), so that the
+    prompt ends where a token of the training text would end and the target starts the first word."""
+    indent = len(answer) - len(answer.lstrip())
+    cut = max(indent - 1, 0)
+    return {"prompt": query + answer[:cut], "target": answer[cut:]}
 
 
 def task_yaml(name: str, records_path: Path) -> str:

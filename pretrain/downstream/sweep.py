@@ -67,6 +67,17 @@ def task_metrics(results: dict, task: str, metric: str) -> dict:
             "all": {k: clean(v) for k, v in values.items()}}
 
 
+def load_tasks(manager: TaskManager, tasks: Sequence[str]) -> dict:
+    """The harness's task objects (their datasets loaded): ValueError in one line when a dataset cannot
+    be read, e.g. a hub dataset on a machine without access."""
+    try:
+        return manager.load(list(tasks))
+    except OSError as err:   # ConnectionError (offline), DatasetNotFoundError, a missing data file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the data of task(s) {', '.join(tasks)}: {first} (without hub access, point "
+                         "a task YAML at a local copy: README, Downstream evaluation)") from None
+
+
 def _evaluate(lm: LayerSkipLM, task_dict: dict, limit: int | None) -> dict:
     return evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS,
                               log_samples=False, verbosity="WARNING")
@@ -76,7 +87,7 @@ def run_sweep(source: ModelSource, tasks: Sequence[str], exits: Sequence[int], s
               manager: TaskManager | None = None, limit: int | None = None, batch_size: int = 8,
               truncate: bool = False, progress=print) -> dict:
     manager = manager or task_manager(tasks)
-    task_dict = manager.load(list(tasks))
+    task_dict = load_tasks(manager, tasks)
     cache: dict = {}
     per_exit, info = {}, {}
     for exit_layer in exits:
@@ -100,7 +111,7 @@ def run_sweep(source: ModelSource, tasks: Sequence[str], exits: Sequence[int], s
 def strategy_sweep(source: ModelSource, tasks: list[str], strategies: Sequence[Strategy], manager: TaskManager,
                    info: dict, limit: int | None, batch_size: int, truncate: bool, progress=print) -> dict:
     """The generation tasks decoded with each strategy (autoregressive first: the baseline)."""
-    task_dict = manager.load(list(tasks))
+    task_dict = load_tasks(manager, tasks)
     ordered = list(dict.fromkeys([Strategy("autoregressive"), *strategies]))
     out: dict[str, dict] = {}
     for strategy in ordered:
