@@ -130,7 +130,8 @@ def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer
                            total_steps=cfg.train.steps, start_step=start_step, run_id=run_id)
     if resumed is not None:
         logger.write(f"resumed from {resumed} at step {start_step}")
-    logger.write(startup_summary(cfg, dims, run.train_data, resumed, start_step))  # what this run is about to do
+    if dims.is_main:  # what this run is about to do
+        logger.write(startup_summary(cfg, dims, run.train_data, resumed, start_step))
     writer = CheckpointWriter(async_save=cfg.checkpoint.async_save)
     trainer.apply_update = ops.guard  # the non-finite guard decides whether the optimizer steps
     ops.start(writer)
