@@ -23,7 +23,8 @@ def mixed_run(prepared_data, tmp_path_factory):
     from pretrain.train import main as train_main
 
     run_dir = tmp_path_factory.mktemp("mixed") / "run"
-    sources = f"data.sources=[{{dir: {prepared_data}, weight: 0.5, name: web}}, {{dir: {prepared_data}, weight: 0.5, name: code}}]"
+    sources = (f"data.sources=[{{dir: {prepared_data}, weight: 0.5, name: web}}, "
+               f"{{dir: {prepared_data}, weight: 0.5, name: code}}]")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         train_main([*TINY, sources, f"run_dir={run_dir}"])
