@@ -106,6 +106,9 @@ def summary_line(run_dir: Path, first: int, last: int, steps: int, seconds: floa
 
 def main(argv: list[str] | None = None) -> None:
     extra = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in extra):
+        print(__doc__)
+        return
     overrides = [*DEMO, *extra]
     try:
         cfg = compose_run_config(overrides)[0]
