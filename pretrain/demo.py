@@ -18,7 +18,6 @@ run directory and the `pretrain.generate` command to try next.
 """
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from pretrain.checkpoint.store import STEP_DIR
 from pretrain.config import ConfigError, compose_run_config
 from pretrain.operations.exit_codes import EXIT_REQUEUE
 from pretrain.operations.run_dir import existing_checkpoints
@@ -58,7 +58,7 @@ def recorded_overrides(run_dir: Path) -> list[str] | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    found = re.search(r"(\d+)$", path.name)
+    found = STEP_DIR.match(path.name)
     return int(found.group(1)) if found else 0
 
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     first, last = (0 if plan.action in ("new", "restart") else plan.step), newest_step(run_dir)
     print(summary_line(run_dir, first, last, steps, time.perf_counter() - started), flush=True)
+
 
 if __name__ == "__main__":
     main()
