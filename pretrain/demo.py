@@ -18,7 +18,6 @@ run directory and the `pretrain.generate` command to try next.
 """
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 import time
@@ -101,6 +100,9 @@ def summary_line(run_dir: Path, first: int, last: int, steps: int, seconds: floa
 
 def main(argv: list[str] | None = None) -> None:
     extra = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in extra):
+        print(__doc__)
+        return
     overrides = [*DEMO, *extra]
     try:
         cfg = compose_run_config(overrides)[0]
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     first, last = (0 if plan.action in ("new", "restart") else plan.step), newest_step(run_dir)
     print(summary_line(run_dir, first, last, steps, time.perf_counter() - started), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,9 @@
 
 Overrides are Hydra's (conf/config.yaml lists the groups; every key of pretrain/config.py's
 dataclasses can be set). `--cfg job` (or `--print-config`; `--resolve` resolves ${...}) prints the
-composed configuration and exits; a misspelt key gets the closest one ("did you mean"). A bad value exits with code 2 and one line naming the key, before any
-work is done or anything is written to the run directory.
+composed configuration and exits; a misspelt key gets the closest one ("did you mean"). A bad value
+exits with code 2 and one line naming the key, before any work is done or anything is written to
+the run directory.
 """
 from __future__ import annotations
 

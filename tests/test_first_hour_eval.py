@@ -23,7 +23,8 @@ def mixed_run(prepared_data, tmp_path_factory):
     from pretrain.train import main as train_main
 
     run_dir = tmp_path_factory.mktemp("mixed") / "run"
-    sources = f"data.sources=[{{dir: {prepared_data}, weight: 0.5, name: web}}, {{dir: {prepared_data}, weight: 0.5, name: code}}]"
+    sources = (f"data.sources=[{{dir: {prepared_data}, weight: 0.5, name: web}}, "
+               f"{{dir: {prepared_data}, weight: 0.5, name: code}}]")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         train_main([*TINY, sources, f"run_dir={run_dir}"])
@@ -152,3 +153,25 @@ def test_training_curves_say_why_exits_appear_late():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_wandb_figure_gets_the_speedup_series_and_source_curves():
+    """The W&B figure is drawn from the logged eval record: it carries the expected speedups (the
+    formula at each exit's agreement) and the per-source statistics too."""
+    pytest.importorskip("matplotlib")
+    from pretrain.evaluation.plots import best_speedup_per_exit, per_exit_axes
+    from pretrain.metrics.wandb_eval import eval_result_from_record
+
+    stats = {"loss": 2.0, "perplexity": 7.4, "agreement": 0.5}
+    record = {"step": 9, "exit_1": stats, "exit_2": {**stats, "agreement": 1.0},
+              "sources": {"web": {"1": stats, "2": stats}}, "best": {"exit_layer": 1, "draft_len": 1,
+                                                                    "speedup": 1.0, "acceptance": 0.5}}
+    result = eval_result_from_record(record)
+    # α = 0.5, E/L = 1/2, γ ≤ 8: the best is γ = 1, (1 - 0.25) / (0.5 · 1.5) = 1.0
+    assert best_speedup_per_exit(result) == {1: pytest.approx(1.0)}
+    fig = per_exit_axes(result, "run, step 9")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "held-out loss: web" in labels and "expected speedup (best γ), ×" in labels
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -61,7 +61,8 @@ class BadRecords:
     def report(self, where: str, reason: str, detail: str, hint: str | None = None) -> None:
         """`hint` replaces the advice to skip (e.g. when the whole input would be skipped)."""
         if self.policy == "error":
-            raise BadInputError(f"{where}: {detail} ({hint or '--on-bad-record skip leaves such records out, counted'})")
+            advice = hint or "--on-bad-record skip leaves such records out, counted"
+            raise BadInputError(f"{where}: {detail} ({advice})")
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {detail}")

@@ -59,7 +59,8 @@ def eval_target(path: str) -> EvalTarget:
     return EvalTarget(ckpt, step, state.get("source") if state.get("data", 0) is None else None)
 
 
-def validation_data(target: EvalTarget, data_dir: str | None, model_vocab: int) -> PackedDataset | dict[str, PackedDataset]:
+def validation_data(target: EvalTarget, data_dir: str | None, model_vocab: int
+                    ) -> PackedDataset | dict[str, PackedDataset]:
     """The validation split(s) to evaluate on, checked against the model's vocabulary."""
     if data_dir is None and target.imported_from:
         raise EvalInputError(f"{target.run_dir} was imported from {target.imported_from} and has no data of its own: "

@@ -71,8 +71,9 @@ def per_exit_axes(result: Mapping, title: str = "per-exit evaluation"):
                     label="held-out loss" + (" (all sources)" if result.get("sources") else ""))
     for i, (name, stats) in enumerate(sorted(result.get("sources", {}).items())):
         per = sorted((int(l), st) for l, st in stats.items())
-        lines += ax.plot([l for l, _ in per], [st["loss"] for _, st in per], color=plt.get_cmap("Blues")(0.45 + 0.5 * i / max(len(result["sources"]), 1)),
-                         linestyle="--", marker=".", linewidth=1, label=f"held-out loss: {name}")
+        shade = plt.get_cmap("Blues")(0.45 + 0.5 * i / max(len(result["sources"]), 1))
+        lines += ax.plot([l for l, _ in per], [st["loss"] for _, st in per], color=shade, linestyle="--", marker=".",
+                         linewidth=1, label=f"held-out loss: {name}")
     ax.set_xlabel("exit layer")
     ax.set_ylabel("held-out loss (nats/token)", color="tab:blue")
     ax.set_xticks(exits)

@@ -2,7 +2,7 @@
 
 Called by MetricsLogger.log for every record of kind "eval" while a W&B run is open. The record
 is what training logs for an evaluation: {"step", "exit_<l>": {"loss", "perplexity", "agreement"},
-"best": {...}, "decoding": {...}}. The figure is also kept as <run_dir>/plots/per_exit_step_<N>.png;
+"best": {...}, "decoding": {...}, "sources": {...}}. The figure is also kept as <run_dir>/plots/per_exit_step_<N>.png;
 without matplotlib (the optional `plot` extra) only the table is logged.
 """
 from __future__ import annotations
@@ -22,8 +22,13 @@ def eval_result_from_record(record: Mapping[str, Any]) -> dict:
     exits = {int(key[len("exit_"):]): dict(value) for key, value in record.items()
              if key.startswith("exit_") and key[len("exit_"):].isdigit() and isinstance(value, Mapping)}
     result: dict = {"exits": dict(sorted(exits.items()))}
+    if exits:  # the expected speedup per (E, γ), as evaluation computes it, for the figure's speedup series
+        L = max(exits)
+        result["speedup"] = speedup_table({l: s["agreement"] for l, s in exits.items() if l < L}, L, MAX_DRAFT_LEN)
     if record.get("best"):
         result["best"] = dict(record["best"])
+    if record.get("sources"):  # mixed sources: per-source curves in the figure
+        result["sources"] = {name: dict(stats) for name, stats in record["sources"].items()}
     return result
 
 

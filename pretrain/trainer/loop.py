@@ -147,7 +147,8 @@ def _train_locked(run: CheckedRun, extra_files: dict[str, str], trainer: Trainer
                            total_steps=cfg.train.steps, start_step=start_step, run_id=run_id)
     if resumed is not None:
         logger.write(f"resumed from {resumed} at step {start_step}")
-    logger.write(startup_summary(cfg, dims, run.train_data, resumed, start_step))  # what this run is about to do
+    if dims.is_main:  # what this run is about to do
+        logger.write(startup_summary(cfg, dims, run.train_data, resumed, start_step))
     trainer.apply_update = ops.guard  # the non-finite guard decides whether the optimizer steps
     ops.start()
     checkpointer.start(ops, lambda: {"data": batches.state_dict(), "wandb_run_id": logger.run_id})

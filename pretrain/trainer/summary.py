@@ -69,7 +69,8 @@ def _start(cfg: RunConfig, resumed: Path | None, start_step: int) -> str:
     if resumed is not None:
         return f"resumes from {resumed} at step {start_step} of {cfg.train.steps}"
     if cfg.checkpoint.init_from:
-        return f"starts from the weights of {cfg.checkpoint.init_from} (continual pretraining), step 0 of {cfg.train.steps}"
+        return (f"starts from the weights of {cfg.checkpoint.init_from} (continual pretraining), "
+                f"step 0 of {cfg.train.steps}")
     return f"starts from scratch (random init, seed {cfg.train.seed}), {cfg.train.steps} steps"
 
 
@@ -110,11 +111,14 @@ def startup_summary(cfg: RunConfig, dims, train_data, resumed: Path | None = Non
     lines = [
         f"run {cfg.run_dir}: {_start(cfg, resumed, start_step)}",
         f"model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads ({m.n_kv_heads} kv), ffn {m.ffn_dim}, "
-        f"vocab {m.vocab_size:,}; {_n(params['total'])} parameters = {embed} + {_n(params['non_embedding'])} non-embedding",
+        f"vocab {m.vocab_size:,}; {_n(params['total'])} parameters = {embed} + "
+        f"{_n(params['non_embedding'])} non-embedding",
         f"compute: {_n(flops)}FLOP per token (forward + backward, {m.n_layers} blocks + 1 head; each early exit on "
-        f"adds {_n(head_flops_per_token(m))}FLOP); {_n(flops * tokens_per_step * tr.steps)}FLOP for the run at full depth",
+        f"adds {_n(head_flops_per_token(m))}FLOP); {_n(flops * tokens_per_step * tr.steps)}FLOP for the run at "
+        f"full depth",
         f"layout: {dims.device}, {dims.world_size} process(es), mesh {mesh}{pipeline}; {tr.dtype}, "
-        f"compile {'on' if tr.compile else 'off'}, activation checkpointing {'on' if tr.activation_checkpointing else 'off'}",
+        f"compile {'on' if tr.compile else 'off'}, "
+        f"activation checkpointing {'on' if tr.activation_checkpointing else 'off'}",
         f"batch: {tr.global_batch_size} samples x {tr.seq_len} tokens = {tokens_per_step:,} tokens per step "
         f"({per_rank // tr.micro_batch_size} micro-batch(es) of {tr.micro_batch_size} per data-parallel rank); "
         f"{_n(tokens_per_step * tr.steps)} tokens over {tr.steps} steps",
@@ -125,6 +129,7 @@ def startup_summary(cfg: RunConfig, dims, train_data, resumed: Path | None = Non
                      f"this run reads {_n(row['read_tokens'])} = {row['epochs']:.3g} epochs")
     decay = "constant after warm-up" if op.decay == "constant" else \
         f"{op.decay} decay to {op.lr * op.min_lr_ratio:.2e} at the last step"
-    lines.append(f"lr: peak {op.lr:.2e}, {op.warmup_steps} warm-up steps, {decay}; AdamW betas ({op.beta1}, {op.beta2}), weight decay {op.weight_decay}")
+    lines.append(f"lr: peak {op.lr:.2e}, {op.warmup_steps} warm-up steps, {decay}; AdamW betas ({op.beta1}, "
+                 f"{op.beta2}), weight decay {op.weight_decay}")
     lines += _layerskip(cfg)
     return "\n".join(lines)
