@@ -6,11 +6,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
+# the repository's .venv (make setup); a test run from another venv names it, as a user would
+VENV = ROOT / ".venv" if (ROOT / ".venv" / "bin" / "python").exists() else Path(sys.prefix)
 
 
 def env(**extra) -> dict:
@@ -18,6 +21,8 @@ def env(**extra) -> dict:
     out = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "RDZV_", "SLURM_"))}
     out.update(PATH="/usr/bin:/bin", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests" / "parallel_scripts"),
                **extra)
+    if VENV != ROOT / ".venv":
+        out["LAYERSKIP_VENV"] = str(VENV)
     out.pop("WORLD_SIZE", None)
     return out
 
@@ -39,7 +44,7 @@ def test_two_default_launches_on_one_machine_do_not_meet_and_use_the_venv(tmp_pa
     workers = [worker_line(out) for out, _ in outs]
     assert [w["world_size"] for w in workers] == ["1", "1"]            # each its own world
     assert workers[0]["run_id"] != workers[1]["run_id"]
-    assert all(os.path.realpath(w["python"]) == os.path.realpath(ROOT / ".venv" / "bin" / "python") for w in workers)
+    assert all(os.path.realpath(w["python"]) == os.path.realpath(VENV / "bin" / "python") for w in workers)
 
 
 def test_workers_exit_75_reaches_the_caller(tmp_path):
