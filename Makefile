@@ -32,7 +32,7 @@ demo: setup
 test: setup
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests
 
-# torch.compile at every parallel layout with inductor (README: Compile); ~15-20 min on 2 cores.
+# torch.compile at every parallel layout with inductor (README: Compile); ~15 min on 2 busy cores.
 test-compile: setup
 	LAYERSKIP_COMPILE_TESTS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest tests/test_compile_layouts.py
 
