@@ -1,11 +1,13 @@
 """strategy="auto": drafts when the measured costs and the observed acceptance say drafting pays,
 decodes autoregressively when not, switches mid-generation, and gives the full model's greedy text
 whatever it does; its report says what it chose and why; bad input is refused."""
+import functools
+
 import pytest
 import torch
 from builders import NEW, PROMPTS, make_model, reference_greedy
 
-from pretrain.decoding import DecodeOptions, generate
+from pretrain.decoding import DecodeOptions, generate, generation
 from pretrain.decoding.auto_strategy import AutoStrategy
 from pretrain.decoding.self_speculative import speculative_round
 from schedules.speedup import DecodeCosts, expected_speedup_with_costs
@@ -77,7 +79,7 @@ def test_switching_every_round_gives_the_autoregressive_text(model, expected, mo
         flips.append(self.strategy)
 
     monkeypatch.setattr(AutoStrategy, "observe", flip)
-    monkeypatch.setattr(AutoStrategy, "recheck_every", 2)     # a probe round every other plain step
+    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=2))
     eos = None if eos_row is None else expected[eos_row][4]
     out, stats = generate(model, PROMPTS, exit_layer=3, max_new_tokens=NEW, costs=PAYS, eos_id=eos)
     assert out == [reference_greedy(model, p, NEW, eos=eos) for p in PROMPTS]
@@ -130,19 +132,21 @@ def test_rows_far_apart_then_plain_steps(monkeypatch):
 
     strong_exit = make_model(scale=0.01, embed_scale=20)
     prompts, new = [list(range(1, 41)), [1]], 40
-    rounds = []
+    left = []   # rows in the batch after each round
 
-    def spec_then_steps(self, score, positions, generated):
-        self.strategy, self.draft_len = ("self_speculative", 8) if len(rounds) < 8 else ("autoregressive", 8)
+    def spec_then_steps(self, score, positions, generated):   # plain steps once the long row has left
+        self.strategy, self.draft_len = ("autoregressive", 8) if left[-1] == 1 else ("self_speculative", 8)
 
     def uneven_round(runner, seqs, *args, **kwargs):
-        rounds.append(seqs.batch)
-        gammas = torch.tensor([8, 0][2 - seqs.batch:])     # the short row, left alone, drafts nothing
-        return speculative_round(runner, seqs, *args, row_draft_lens=gammas, **kwargs)
+        gammas = torch.tensor([8, 0][2 - seqs.batch:])     # the short row drafts nothing
+        evidence = speculative_round(runner, seqs, *args, row_draft_lens=gammas, **kwargs)
+        left.append(seqs.batch)
+        return evidence
 
     monkeypatch.setattr(AutoStrategy, "observe", spec_then_steps)
-    monkeypatch.setattr(AutoStrategy, "recheck_every", 1000)   # plain steps only (a probe round would crop)
+    # plain steps only at the end (a probe round would re-base the bound itself)
+    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=1000))
     monkeypatch.setattr(auto_module, "speculative_round", uneven_round)
     out, stats = generate(strong_exit, prompts, exit_layer=2, max_new_tokens=new, costs=PAYS)
     assert out == [reference_greedy(strong_exit, p, new) for p in prompts]
-    assert rounds[0] == 2 and stats.auto[0]["autoregressive_steps"] > 20
+    assert left[0] == 2 and left[-1] == 1 and stats.auto[0]["autoregressive_steps"] > 20
