@@ -25,20 +25,10 @@ import torch
 from bench.common import interleaved_medians, record
 from pretrain.checkpoint.inference import resolve_checkpoint
 from pretrain.data.dataset import PackedDataset
-from pretrain.decoding import DecodeOptions, DecodeStats, generate
+from pretrain.decoding import DecodeOptions
 from pretrain.device import select_device
-from pretrain.generate import best_from_eval
+from pretrain.generate import best_from_eval, decode_all
 from pretrain.model_loading import load_model
-
-
-def decode_in_batches(model, prompts, opts, batch):
-    """All prompts, `batch` at a time: (outputs, merged DecodeStats)."""
-    outs, merged = [], DecodeStats()
-    for i in range(0, len(prompts), batch):
-        out, stats = generate(model, prompts[i:i + batch], opts)
-        outs += out
-        merged.merge(stats)
-    return outs, merged
 
 
 def check_and_summarise(model, prompts, batch, options, reference) -> tuple[dict, dict]:
@@ -46,7 +36,7 @@ def check_and_summarise(model, prompts, batch, options, reference) -> tuple[dict
     costs here. Returns ({case: summary}, {case: seconds auto spent measuring costs})."""
     summaries, measuring = {}, {}
     for name, opts in options.items():
-        out, stats = decode_in_batches(model, prompts, opts, batch)
+        out, stats = decode_all(model, prompts, opts, batch)
         assert out == reference, f"batch {batch} {name}: output differs from autoregressive"
         summaries[name] = stats.summary()
         if stats.auto:
@@ -55,7 +45,7 @@ def check_and_summarise(model, prompts, batch, options, reference) -> tuple[dict
 
 
 def timed(model, prompts, batch, options, args) -> dict[str, float]:
-    cases = {name: (lambda o=opts: decode_in_batches(model, prompts, o, batch)) for name, opts in options.items()}
+    cases = {name: (lambda o=opts: decode_all(model, prompts, o, batch)) for name, opts in options.items()}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     return interleaved_medians(cases, args.repeats, clock=clock)
 
@@ -91,7 +81,7 @@ def batch_size_section(model, prompts, batch, args, eval_exit) -> tuple[list[str
     grid.update({f"self-spec E={E},g={g}": DecodeOptions(strategy="self_speculative", exit_layer=E, draft_len=g,
                                                          max_new_tokens=new)
                  for E in exits for g in map(int, args.gammas.split(","))})
-    reference, _ = decode_in_batches(model, prompts, ar, batch)
+    reference, _ = decode_all(model, prompts, ar, batch)
     grid_summaries, _ = check_and_summarise(model, prompts, batch, grid, reference)
     grid_times = timed(model, prompts, batch, grid, args)
     best_spec = min((n for n in grid if n != "autoregressive"), key=grid_times.get)

@@ -1,11 +1,13 @@
 """strategy="auto": drafts when the measured costs and the observed acceptance say drafting pays,
 decodes autoregressively when not, switches mid-generation, and gives the full model's greedy text
 whatever it does; its report says what it chose and why; bad input is refused."""
+import functools
+
 import pytest
 import torch
 from builders import NEW, PROMPTS, make_model, reference_greedy
 
-from pretrain.decoding import DecodeOptions, generate
+from pretrain.decoding import DecodeOptions, generate, generation
 from pretrain.decoding.auto_strategy import AutoStrategy
 from pretrain.decoding.self_speculative import speculative_round
 from schedules.speedup import DecodeCosts, expected_speedup_with_costs
@@ -20,25 +22,27 @@ NEVER = DecodeCosts(block=(1.0,) + (10.0,) * 8, head=(0.0,) * 9)
 
 def test_controller_decides_from_costs_and_acceptance():
     auto = AutoStrategy(num_layers=6, exit_layer=2, costs=PAYS, max_draft_len=8, min_evidence=16)
-    assert not auto.never_drafts and auto.strategy == "autoregressive"
-    assert [auto.read_exit_now() for _ in range(3)] == [True] * 3      # reads the exit until it can decide
-    auto.observe(15.0, 8, generated=9)                                  # 8 positions: not enough yet
-    assert auto.strategy == "autoregressive" and not auto.decisions
-    auto.observe(8.0, 8, generated=10)                                  # α ≈ 0.96: drafting pays
-    alpha = auto.acceptance
-    best = max((expected_speedup_with_costs(alpha, g, 2, 6, PAYS), -g) for g in range(1, 9))
-    assert auto.strategy == "self_speculative" and auto.draft_len == -best[1]
-    assert auto.predicted == pytest.approx(best[0]) and auto.predicted > 1
-    for _ in range(30):                                                 # acceptance collapses: back to AR
+    assert not auto.never_drafts and auto.strategy == "self_speculative"
+    assert [auto.next_draft_len() for _ in range(3)] == [1] * 3      # probes: one draft a round
+    auto.observe(7.0, 8, generated=9)                                 # 8 judged drafts: not enough yet
+    assert auto.next_draft_len() == 1 and not auto.decisions
+    auto.observe(8.0, 8, generated=10)                                # α ≈ 0.94: drafting pays
+    alpha = auto.acceptance   # γ: the best at α rounded to 0.01 (a table), the speedup at α
+    _, gamma = max((expected_speedup_with_costs(round(alpha, 2), g, 2, 6, PAYS), -g) for g in range(1, 9))
+    assert auto.strategy == "self_speculative" and auto.next_draft_len() == -gamma > 1
+    assert auto.predicted == pytest.approx(expected_speedup_with_costs(alpha, -gamma, 2, 6, PAYS))
+    assert auto.predicted > 0.999 * max(expected_speedup_with_costs(alpha, g, 2, 6, PAYS) for g in range(1, 9))
+    for _ in range(30):                                               # acceptance collapses: plain steps
         auto.observe(0.0, 8, generated=100)
     assert auto.strategy == "autoregressive" and auto.predicted < 1 and auto.acceptance < 0.05
     assert [d["strategy"] for d in auto.decisions] == ["self_speculative", "autoregressive"]
     assert auto.decisions[0]["after_tokens"] == 10
-    # while decoding autoregressively it reads the exit every recheck_every-th step only
-    assert [auto.read_exit_now() for _ in range(16)].count(True) == 16 // auto.recheck_every
+    # while autoregressive, every recheck_every-th step is a probe round of one draft
+    assert [auto.next_draft_len() for _ in range(16)] == ([0] * (auto.recheck_every - 1) + [1]) * 2
 
     never = AutoStrategy(num_layers=6, exit_layer=2, costs=NEVER)
-    assert never.never_drafts and never.ceiling < 1 and not never.read_exit_now()
+    assert never.never_drafts and never.ceiling < 1 and never.strategy == "autoregressive"
+    assert [never.next_draft_len() for _ in range(20)] == [0] * 20
     assert "cannot pay" in never.report()["reason"]
 
 
@@ -48,7 +52,7 @@ def test_never_drafts_when_costs_say_it_cannot_pay(model, expected):
     report = stats.auto[0]
     assert report["chosen"] == "autoregressive" and "cannot pay" in report["reason"]
     assert stats.drafted == 0 and report["drafting_rounds"] == 0
-    assert stats.head_evals == stats.decoded        # one head per token: the exit was never even read
+    assert stats.head_evals == stats.decoded        # one head per token: not a single draft
     assert report["predicted_speedup"]["self_speculative_if_all_accepted"] < 1
 
 
@@ -59,7 +63,7 @@ def test_drafts_when_it_pays_and_keeps_greedy_output():
     report = stats.auto[0]
     assert report["chosen"] == "self_speculative" and "it pays" in report["reason"]
     assert report["acceptance"] > 0.8 and report["predicted_speedup"]["self_speculative"] > 1
-    assert stats.drafted > 0 and report["drafting_rounds"] > 0 and report["autoregressive_steps"] >= 1
+    assert stats.drafted > 0 and report["drafting_rounds"] > 0 and report["autoregressive_steps"] == 0
     assert report["decisions"][0]["strategy"] == "self_speculative"
 
 
@@ -75,7 +79,7 @@ def test_switching_every_round_gives_the_autoregressive_text(model, expected, mo
         flips.append(self.strategy)
 
     monkeypatch.setattr(AutoStrategy, "observe", flip)
-    monkeypatch.setattr(AutoStrategy, "read_exit_now", lambda self: True)
+    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=2))
     eos = None if eos_row is None else expected[eos_row][4]
     out, stats = generate(model, PROMPTS, exit_layer=3, max_new_tokens=NEW, costs=PAYS, eos_id=eos)
     assert out == [reference_greedy(model, p, NEW, eos=eos) for p in PROMPTS]
@@ -128,19 +132,21 @@ def test_rows_far_apart_then_plain_steps(monkeypatch):
 
     strong_exit = make_model(scale=0.01, embed_scale=20)
     prompts, new = [list(range(1, 41)), [1]], 40
-    rounds = []
+    left = []   # rows in the batch after each round
 
-    def spec_then_steps(self, score, positions, generated):
-        self.strategy, self.draft_len = ("self_speculative", 8) if len(rounds) < 5 else ("autoregressive", 8)
+    def spec_then_steps(self, score, positions, generated):   # plain steps once the long row has left
+        self.strategy, self.draft_len = ("autoregressive", 8) if left[-1] == 1 else ("self_speculative", 8)
 
     def uneven_round(runner, seqs, *args, **kwargs):
-        rounds.append(seqs.batch)
-        gammas = torch.tensor([8, 0][:seqs.batch]) if seqs.batch == 2 else None
-        return speculative_round(runner, seqs, *args, row_draft_lens=gammas, **kwargs)
+        gammas = torch.tensor([8, 0][2 - seqs.batch:])     # the short row drafts nothing
+        evidence = speculative_round(runner, seqs, *args, row_draft_lens=gammas, **kwargs)
+        left.append(seqs.batch)
+        return evidence
 
     monkeypatch.setattr(AutoStrategy, "observe", spec_then_steps)
-    monkeypatch.setattr(AutoStrategy, "read_exit_now", lambda self: True)
+    # plain steps only at the end (a probe round would re-base the bound itself)
+    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=1000))
     monkeypatch.setattr(auto_module, "speculative_round", uneven_round)
     out, stats = generate(strong_exit, prompts, exit_layer=2, max_new_tokens=new, costs=PAYS)
     assert out == [reference_greedy(strong_exit, p, new) for p in prompts]
-    assert rounds[0] == 2 and stats.auto[0]["autoregressive_steps"] > 20
+    assert left[0] == 2 and left[-1] == 1 and stats.auto[0]["autoregressive_steps"] > 20

@@ -8,22 +8,19 @@ autoregressive decoding, (1 + α + .. + α^γ) · (L b(1) + h(1) + s) / round_co
 in 1..max_draft_len. Autoregressive decoding is 1 by definition. Drafting is chosen when its
 prediction exceeds `min_speedup`.
 
-Evidence. α at E is an average of per-position acceptance scores (top-1 agreement of the exit with
-the full model when greedy, sum_v min(p_E, p_L) when sampling), decayed per position judged (about
-the last 50 positions weigh):
-  - while drafting, every round judges its drafts: accepted of (accepted + rejected);
-  - while decoding autoregressively, every `recheck_every`-th step (and each of the first steps
-    until `min_evidence` positions are read) the shared head also reads h_E, which the step
-    computes on its way to the last block: one head evaluation, no extra block.
-Both read the same quantity: whether the exit's prediction agrees with the full model's on the
-committed text.
+Evidence. α at E is the share of judged drafts that were accepted (the α of the formula: a draft
+is judged when every draft before it in its round was accepted), decayed per draft judged (about
+the last 50 weigh). Only drafting rounds give it: the exit's agreement with the full model at every
+position, which a plain step could read for one head evaluation, is a different quantity (lower
+here, agreement comes in runs) and would bias the choice against drafting.
 
 Decisions. First, the ceiling: if drafting cannot beat `min_speedup` even with every draft accepted
-(α = 1), the decoder never drafts and never reads the exit. Otherwise it starts autoregressively,
-reading the exit, and decides once `min_evidence` positions are read; it re-decides after every
-speculative round and after every exit read. Switching needs nothing: between rounds and steps every
-block's KV cache holds every committed token but the last, whichever strategy wrote it, so greedy
-output is the full model's either way.
+(α = 1), the decoder never drafts. Otherwise it probes: rounds of one draft (the cheapest round to
+lose) until `min_evidence` drafts are judged; then it re-decides after every round. While decoding
+autoregressively, every `recheck_every`-th step is a probe round instead, so that a text that gets
+easier is noticed. Switching needs nothing: between rounds and steps every block's KV cache holds
+every committed token but the last, whichever strategy wrote it, so greedy output is the full
+model's either way.
 """
 from __future__ import annotations
 
@@ -50,19 +47,19 @@ class AutoStrategy:
     costs: DecodeCosts                # measured at the batch size being decoded
     max_draft_len: int = 8            # γ searched in 1..max_draft_len
     min_speedup: float = 1.0          # draft only when predicted faster than this
-    min_evidence: int = 8             # positions read before the first decision
-    recheck_every: int = 8            # autoregressive steps between reads of the exit
-    decay: float = 0.98               # weight of older evidence, per position judged (memory ~50 positions)
-    score: float = 0.0                # decayed sum of per-position acceptance scores
-    positions: float = 0.0            # decayed number of positions
-    seen: int = 0                     # positions read, undecayed
-    strategy: str = AUTOREGRESSIVE
+    min_evidence: int = 8             # judged drafts before the first decision
+    recheck_every: int = 8            # while autoregressive: a probe round after this many steps
+    decay: float = 0.98               # weight of older evidence, per draft judged (memory ~50 drafts)
+    score: float = 0.0                # decayed accepted drafts
+    positions: float = 0.0            # decayed judged drafts
+    seen: int = 0                     # drafts judged, undecayed
+    strategy: str = SELF_SPECULATIVE  # probing until the evidence is in
     draft_len: int = 1
     predicted: float | None = None    # predicted speedup of drafting at the last decision
     ceiling: float = field(init=False)
     reason: str = field(init=False)
     decisions: list[dict] = field(default_factory=list)   # every change of strategy
-    steps_since_read: int = 0
+    steps_since_probe: int = 0
     drafting_rounds: int = 0
     autoregressive_steps: int = 0
 
@@ -72,10 +69,11 @@ class AutoStrategy:
                              f"needs max_draft_len + 1 = {self.max_draft_len + 1}")
         _, _, self.ceiling = self._best(1.0)
         if self.ceiling <= self.min_speedup:
+            self.strategy = AUTOREGRESSIVE
             self.reason = (f"drafting cannot pay at this batch size: even with every draft accepted the measured "
                            f"costs predict {self.ceiling:.3f}x <= {self.min_speedup}")
         else:
-            self.reason = f"reading the exit until {self.min_evidence} positions are judged"
+            self.reason = f"probing: rounds of one draft until {self.min_evidence} drafts are judged"
 
     def _best(self, acceptance: float) -> tuple[int, int, float]:
         """(E, γ, predicted speedup): γ from a table over α in steps of 0.01 (kept across calls: a
@@ -93,16 +91,21 @@ class AutoStrategy:
     def acceptance(self) -> float | None:
         return min(1.0, max(0.0, self.score / self.positions)) if self.positions else None
 
-    def read_exit_now(self) -> bool:
-        """Whether the next autoregressive step should read the exit (and count the step)."""
+    def next_draft_len(self) -> int:
+        """γ of the next round, or 0 for a plain autoregressive step (a probe round every
+        `recheck_every`-th step while autoregressive)."""
+        if self.strategy == SELF_SPECULATIVE:
+            return self.draft_len
         if self.never_drafts:
-            return False
-        due = self.seen < self.min_evidence or self.steps_since_read + 1 >= self.recheck_every
-        self.steps_since_read = 0 if due else self.steps_since_read + 1
-        return due
+            return 0
+        self.steps_since_probe += 1
+        if self.steps_since_probe < self.recheck_every:
+            return 0
+        self.steps_since_probe = 0
+        return 1
 
     def observe(self, score: float, positions: int, generated: int) -> None:
-        """Acceptance evidence (sum of scores over `positions` positions), then a decision.
+        """A round's evidence (`score` accepted of `positions` judged drafts), then a decision.
         `generated`: tokens committed so far (recorded with each change of strategy)."""
         if positions:
             fade = self.decay ** positions
@@ -127,8 +130,8 @@ class AutoStrategy:
         """What it chose and why, for the JSON line."""
         c = self.costs
         if not self.never_drafts and self.seen < self.min_evidence:
-            self.reason = (f"decoded autoregressively: the text ended after {self.seen} of the {self.min_evidence} "
-                           "positions read at the exit that a decision needs")
+            self.reason = (f"still probing (one draft a round): the text ended after {self.seen} of the "
+                           f"{self.min_evidence} judged drafts a decision needs")
         return {"chosen": self.strategy, "reason": self.reason, "exit_layer": self.exit_layer,
                 "draft_len": self.draft_len if self.strategy == SELF_SPECULATIVE else None,
                 "acceptance": self.acceptance, "positions_judged": self.seen,
@@ -151,19 +154,16 @@ def decode_auto(runner: BlockRunner, seqs: Sequences, auto: AutoStrategy, sampli
             # the cache's host bound on the attended span still counts a longer row that has left
             # (plain steps only grow it): re-base it on the rows decoding (same KV, nothing moves)
             runner.crop_to_committed(seqs.length, seqs.max_length)
-        if auto.strategy == SELF_SPECULATIVE:
+        gamma = auto.next_draft_len()
+        if gamma:
             accepted, rejections = stats.accepted, stats.rejections
-            speculative_round(runner, seqs, queries, auto.exit_layer, auto.draft_len, sampling, generator)
+            speculative_round(runner, seqs, queries, auto.exit_layer, gamma, sampling, generator)
             auto.drafting_rounds += 1
             judged_accepted = stats.accepted - accepted
             auto.observe(judged_accepted, judged_accepted + stats.rejections - rejections, stats.generated)
         else:
-            read = auto.exit_layer if auto.read_exit_now() else None
-            evidence = decode_step(runner, seqs, L, sampling, generator, read_exit=read, track_lengths=True,
-                                   states=(queries,))
+            decode_step(runner, seqs, L, sampling, generator, track_lengths=True, states=(queries,))
             auto.autoregressive_steps += 1
-            if evidence is not None:
-                auto.observe(*evidence, stats.generated)
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.decoding.runner import BlockRunner
-from pretrain.decoding.sampling import SamplingConfig, acceptance_score, choose
+from pretrain.decoding.sampling import SamplingConfig, choose
 from pretrain.decoding.sequences import Sequences, drop_finished_rows
 
 
@@ -38,23 +38,14 @@ def decode_stepwise(runner: BlockRunner, seqs: Sequences, stop: int, sampling: S
 
 
 def decode_step(runner: BlockRunner, seqs: Sequences, stop: int, sampling: SamplingConfig,
-                generator: torch.Generator | None, read_exit: int | None = None, track_lengths: bool = False,
-                states: tuple = ()) -> tuple[float, int] | None:
-    """One token for every row through blocks [0, stop). With `read_exit` E, the shared head also
-    reads h_E (captured on the way, no extra block) and returns the acceptance evidence of a draft
-    from E at these positions, (score, positions) (sampling.acceptance_score). `track_lengths`: the
-    synchronisation also reads the longest row and the most tokens a row may still take, so that a
-    speculative round next (strategy auto) drafts no further than that. Finished
-    rows leave the batch and `states` (e.g. the exit-query cache)."""
-    h, captured = runner.blocks(runner.embed(seqs.last_tokens()[:, None]), 0, stop,
-                                () if read_exit is None else (read_exit,))
-    logits = runner.head(h)[:, 0]
-    token, _ = choose(logits, sampling, generator)
-    evidence = None
-    if read_exit is not None:
-        evidence = acceptance_score(runner.head(captured[read_exit])[:, 0], logits, sampling)
+                generator: torch.Generator | None, track_lengths: bool = False, states: tuple = ()) -> None:
+    """One token for every row through blocks [0, stop). `track_lengths`: the synchronisation also
+    reads the longest row and the most tokens a row may still take, so that a speculative round
+    next (strategy auto) drafts no further than that. Finished rows leave the batch and `states`
+    (e.g. the exit-query cache)."""
+    h, _ = runner.blocks(runner.embed(seqs.last_tokens()[:, None]), 0, stop)
+    token, _ = choose(runner.head(h)[:, 0], sampling, generator)
     runner.stats.rounds += seqs.batch
     committed, = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum(), lengths=track_lengths)
     runner.stats.generated += committed
     drop_finished_rows(seqs, runner.cache, *states)
-    return evidence
