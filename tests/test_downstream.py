@@ -186,7 +186,7 @@ def test_task_needing_more_context_than_the_model_has(checkpoints, capsys, monke
     for name, text in (("long_gen", (LOCAL_TASKS / "layerskip_tiny_gen.yaml").read_text()
                         .replace("max_gen_toks: 12", f"max_gen_toks: {MAX_LEN + 1}")),
                        ("long_mc", (LOCAL_TASKS / "layerskip_tiny_mc.yaml").read_text()
-                        .replace('doc_to_text: "{{query}}"', 'doc_to_text: "{{query * 60}}"'))):
+                        .replace('doc_to_text: query', 'doc_to_text: "{{query * 60}}"'))):
         (tmp_path / f"{name}.yaml").write_text(text.replace("task: layerskip_tiny_", f"task: {name}_")
                                                .replace("!function local_json.load", "!function loader.load"))
     (tmp_path / "loader.py").write_text((LOCAL_TASKS / "local_json.py").read_text().replace(
@@ -241,6 +241,7 @@ def test_next_line_task_records_come_from_held_out_source_files(prepared_data, t
         assert len(records) == 12
         for r in records:
             assert r["choices"][r["gold"]] == r["answer"] and len({c.strip() for c in r["choices"]}) == 4
+            assert r["prompt"] + r["target"] == r["query"] + r["answer"] and not r["target"].startswith("  ")
             passage = r["query"] + r["answer"] + "\n"
             files = [s for s in sources if passage in s]
             assert files, passage
