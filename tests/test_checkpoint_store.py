@@ -155,6 +155,8 @@ def test_non_finite_weights_at_load_are_marked_and_skipped_from_then_on(tmp_path
     assert path.name == "step_00000001" and loads == ["step_00000001"]   # not loaded again
     with pytest.raises(NoSoundCheckpoint, match="marked damaged .non-finite weights at load"):
         load_sound(bad, load, verify=finite)
+    assert checkpoint_cli(["trust", str(bad)]) == 2                     # a mark is not vouched away
+    assert checkpoint_cli(["check", str(tmp_path / "nowhere")]) == 2
 
 
 def test_checksums_catch_a_flipped_byte(tmp_path, tiny_cfg):
