@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pretrain.checkpoint.store import save_checkpoint
+from pretrain.checkpoint.writer import save_checkpoint
 from pretrain.config import to_run_config
 from pretrain.eval import main as eval_main
 from pretrain.generate import best_from_eval

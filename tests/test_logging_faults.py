@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint.store import list_checkpoints
+from pretrain.checkpoint.layout import list_checkpoints
 from pretrain.config import LoggingConfig
 from pretrain.metrics.logger import MetricsLogger
 from pretrain.operations.exit_codes import EXIT_REQUEUE
