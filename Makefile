@@ -69,9 +69,9 @@ bench-decoding: demo-data
 		eval.decode_prompts=0 checkpoint.every=250
 	$(PY) -m bench.decoding_speedup --checkpoint runs/bench_decode
 
-# Everything that needs a GPU, on one accelerator in about 8 minutes: the device tests, bench.mfu on
+# Everything that needs a GPU, on one accelerator in about 10 minutes: the device tests, bench.mfu on
 # llama_1b (bf16, compile), a 12-layer decoding model trained and benchmarked eager / reduce-overhead /
-# transformers. Summary: bench/results/gpu_check.md. DRY_RUN=1: the same parts on the CPU at toy sizes.
+# transformers, the compiled TP / FSDP2 layouts (bench.compiled_layout). Summary: bench/results/gpu_check.md. DRY_RUN=1: the same parts on the CPU at toy sizes.
 gpu-check: setup
 	$(PY) -m bench.gpu_check $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 

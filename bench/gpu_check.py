@@ -1,4 +1,4 @@
-"""Everything that needs a GPU, in one command and about eight minutes (`make gpu-check`):
+"""Everything that needs a GPU, in one command and about ten minutes (`make gpu-check`):
 
   a   the tests that take the `device` fixture (tests/device_plugin.py) on the accelerator:
       model forward/backward, early-exit loss, layer dropout, decoding exactness, a bf16 train
@@ -14,7 +14,7 @@
   p   pretrain.plan's predicted peak memory of a one-GPU llama_1b step against the real step's
       (bench/plan_validation.py --part device).
 
-    python -m bench.gpu_check [--budget-s 480] [--out bench/results/gpu_check.md] [--work-dir DIR]
+    python -m bench.gpu_check [--budget-s 570] [--out bench/results/gpu_check.md] [--work-dir DIR]
     python -m bench.gpu_check --dry-run        # the same parts on the CPU at toy sizes (make test runs it)
 
 Each part runs as a subprocess under its own time limit, plus what earlier parts left unused, within
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="on the CPU at toy sizes")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="overall time limit (default 8 minutes)")
+    ap.add_argument("--budget-s", type=float, default=570.0, help="overall time limit (default 9.5 minutes)")
     ap.add_argument("--work-dir", type=Path, help="default runs/gpu_check-<UTC time>; must not exist")
     ap.add_argument("--out", type=Path, help="summary file (default bench/results/gpu_check.md; dry run: work dir)")
     ap.add_argument("--peak-flops", type=float, help="bf16 FLOP/s of the device for MFU (default: by its name)")
