@@ -66,6 +66,17 @@ def test_prediction_matches_a_real_run_of_the_same_step(monkeypatch, one_process
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
 
+def test_chunked_exit_loss_prediction_matches_a_real_run(tmp_path, monkeypatch):
+    """The chunked loss indexes with boolean masks (data-dependent shapes): simulated as all-selected."""
+    from pretrain.plan.measure import measure
+
+    chunked = ["layerskip.early_exit.loss_chunk_tokens=16"]
+    predicted = run_plan(tmp_path, *chunked, "plan.world_size=1", "plan.exit_cost=false")["ranks"][0]["peak"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    measured = measure([*TINY, *chunked, "train.device=cpu"])["peak"]
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
 def test_search_returns_fitting_layouts_ranked(tmp_path, capsys):
     reports = run_plan(tmp_path, "plan.world_size=2", "plan.search=true")
     meshes = {(r["layout"]["dp_shard"], r["layout"]["tp"], r["layout"]["pp"]) for r in reports}
