@@ -96,6 +96,8 @@ def test_search_returns_fitting_layouts_ranked(tmp_path, capsys):
     (["plan.world_size=4", "parallel.tp=4", "model.n_kv_heads=2"], "model.n_kv_heads=2: not divisible by parallel.tp=4"),
     (["plan.world_size=0"], "plan.world_size=0: must be >= 1"),
     (["plan.world_size=2", "parallel.pp=2", "plan.layers=3"], "plan.layers=3: must be below model.n_layers=4"),
+    (["train.nosuch=1"], "train.nosuch"),
+    (["plan.json=/nonexistent-dir/plan.json"], "plan.json='/nonexistent-dir/plan.json': its directory does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main([*TINY, *args]) == 2
