@@ -104,4 +104,37 @@ def table_part(partial: Path | None = None) -> tuple[dict, str]:
                      f"{'yes' if r['fits_without_exits'] else 'NO'} / {'yes' if r['fits'] else 'NO'} | "
                      f"{r['tokens_per_s_per_device_without_exits']:,.0f} / {r['tokens_per_s_per_device']:,.0f} | "
                      f"{r['public']} |")
-    return {"rows": rows}, "\n".join(lines)
+    return {"rows": rows}, "\n".join(lines) + "\n\n" + NOTES
+
+
+NOTES = """Notes.
+
+- Peak: the largest total of live tensor bytes on the simulated rank (rank 0; TP and FSDP ranks hold the
+  same) during the worst-case step - layer dropout off, the rotational curriculum's step with the most exits
+  on (L/4 + the final one) - optimizer state present. It excludes the CUDA context, NCCL buffers and the
+  allocator's caching: "fits" is peak <= 72 GiB (80 GiB less plan.memory_margin 10%). bf16 autocast with
+  float32 weights, gradients and AdamW states (16 bytes a parameter, sharded by FSDP); AC = the trainer's
+  full per-block activation checkpointing; the plain exit-loss path unless "chunked" (loss_chunk_tokens=4096).
+- Each row simulated 2- and 4-block models and extrapolated to the real depth (plan.layers=2); the last row
+  simulates all 16 blocks of llama_1b and gives the same bytes as the extrapolated first row.
+- LayerSkip's exit losses on the plain path dominate at large vocabularies: each early exit keeps its
+  [tokens, vocab] logits until backward (Llama-3-8B shape, 2 x 8192 tokens, vocabulary 128,256: about 8 GiB an
+  exit; 8 early exits take the rank from 46 to 112 GiB). The chunked exit loss removes almost all of it
+  (39 GiB at 64 GPUs): at 8B and above, train LayerSkip with layerskip.early_exit.loss_chunk_tokens set.
+- Throughput is the FLOPs at plan.mfu = 0.40 (pretrain/plan/estimate.py): the exit heads are matmuls of
+  dim x vocabulary per token, so the worst step with 9 exits on runs at 3,902 instead of 5,194 tokens/s/GPU
+  for the 8B shape (the rotational curriculum's average step has fewer exits on).
+- Public figures: torchtitan docs/performance.md (commit eaea6f6) - Llama 3.1 8B on 8 H100 (96 GB) with
+  FSDP, local batch 2, seq 8192, selective AC: 82.4 GiB (77.0 with torch.compile) and 5,762 TPS/GPU
+  (6,667 compiled), 33-39% MFU; 67.0 GiB and 5,605 TPS/GPU on 128 GPUs; Llama 3.1 70B on 256 GPUs
+  (FSDP 32 x TP 8, local batch 16, full AC, Float8): 71.9 GiB, 829 TPS/GPU. Their memory is the allocator's
+  (reserved) peak with selective AC (more activations kept than this trainer's full per-block AC) and no
+  early exits, so the 8B comparison is one of order, not a like-for-like check: 46 GiB here (final exit
+  only, full AC) against 82 GiB there; 5,194 predicted tokens/s/GPU at MFU 0.40 against their 5,762 at
+  33-39% MFU. No Megatron-LM figure was compared (none taken in this session).
+- The 70B rows use FSDP x TP 8. On the CPU validation (bench/results/plan_validation.md) FSDP x TP is within
+  2% of a real run but tensor parallel alone over-predicts by 34% (the optimizer step's DTensor
+  temporaries); at 70B the chunked row's final-exit-only peak (33 GiB) is far below the plain row's
+  (74 GiB), more than the final logits alone explain - treat the plain 70B rows as upper bounds until
+  make gpu-check (or a multi-GPU run) measures one.
+"""

@@ -66,6 +66,17 @@ def test_prediction_matches_a_real_run_of_the_same_step(monkeypatch, one_process
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
 
+def test_chunked_exit_loss_prediction_matches_a_real_run(tmp_path, monkeypatch):
+    """The chunked loss indexes with boolean masks (data-dependent shapes): simulated as all-selected."""
+    from pretrain.plan.measure import measure
+
+    chunked = ["layerskip.early_exit.loss_chunk_tokens=16"]
+    predicted = run_plan(tmp_path, *chunked, "plan.world_size=1", "plan.exit_cost=false")["ranks"][0]["peak"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    measured = measure([*TINY, *chunked, "train.device=cpu"])["peak"]
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
 def test_search_returns_fitting_layouts_ranked(tmp_path, capsys):
     reports = run_plan(tmp_path, "plan.world_size=2", "plan.search=true")
     meshes = {(r["layout"]["dp_shard"], r["layout"]["tp"], r["layout"]["pp"]) for r in reports}
@@ -85,6 +96,8 @@ def test_search_returns_fitting_layouts_ranked(tmp_path, capsys):
     (["plan.world_size=4", "parallel.tp=4", "model.n_kv_heads=2"], "model.n_kv_heads=2: not divisible by parallel.tp=4"),
     (["plan.world_size=0"], "plan.world_size=0: must be >= 1"),
     (["plan.world_size=2", "parallel.pp=2", "plan.layers=3"], "plan.layers=3: must be below model.n_layers=4"),
+    (["train.nosuch=1"], "train.nosuch"),
+    (["plan.json=/nonexistent-dir/plan.json"], "plan.json='/nonexistent-dir/plan.json': its directory does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main([*TINY, *args]) == 2

@@ -3,6 +3,7 @@ Hydra overrides, composed by pretrain.config)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -52,6 +53,7 @@ def parse_plan_config(overrides: list[str]) -> PlanConfig:
     _check(0 <= cfg.memory_margin < 1, "plan.memory_margin", cfg.memory_margin, "must be in [0, 1)")
     _check(cfg.top >= 1, "plan.top", cfg.top, "must be >= 1")
     _check(cfg.layers >= 0, "plan.layers", cfg.layers, "must be >= 0 (0 = simulate every block)")
+    _check(not cfg.json or Path(cfg.json).parent.is_dir(), "plan.json", cfg.json, "its directory does not exist")
     try:
         device_by_name(cfg.device)
     except ValueError as err:

@@ -1,10 +1,10 @@
 """A cluster of N devices inside this one CPU process: torch's fake process group (backend "fake":
 every collective returns at once, data untouched) at a chosen rank, and FakeTensorMode (tensors
 with shapes, dtypes and devices but no storage), as torchtitan's scripts/estimate/estimation.py
-does. Three things the real training step needs from data are supplied here:
+does. What the real training step needs from data is supplied here:
 
   * scalars read from tensors (token counts, gradient norms, losses: aten._local_scalar_dense) are
-    answered with 1 - none of them changes a tensor's size;
+    answered with 1 - none of them changes a tensor's size; a boolean mask selects everything;
   * a DeviceMesh computes its rank layout on real tensors (fake mode would make it data-dependent);
   * Module.to on a fake model is a no-op (the parameters already live on the simulated device).
 """
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode,
+                                          unset_fake_temporarily)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -24,11 +25,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class ScalarsAreOne(TorchDispatchMode):
     """Under FakeTensorMode, reading the value of a tensor that has no data (`.item()`, `float(t)`,
     `int(t)` of a token count, a norm, a loss) gives 1 (True for bool); values FakeTensorMode knows
-    (constants torch builds internally, e.g. for shard offsets) are read as they are."""
+    (constants torch builds internally, e.g. for shard offsets) are read as they are. A boolean
+    mask's nonzero (x[mask]) selects every element: the largest result, the worst case for memory."""
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         try:
             return func(*args, **(kwargs or {}))
+        except DynamicOutputShapeException:
+            if func is torch.ops.aten.nonzero.default:
+                return _all_selected(args[0])
+            if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default):
+                indices = [part for i in args[1] for part in (
+                    _all_selected(i).unbind(1) if i is not None and i.dtype == torch.bool else (i,))]
+                return func(args[0], indices, *args[2:], **(kwargs or {}))
+            raise
         except DataDependentOutputException:
             if func is not torch.ops.aten._local_scalar_dense.default:
                 raise
@@ -41,6 +51,11 @@ def _outside_fake_mode(fn):
         with unset_fake_temporarily():
             return fn(*args, **kwargs)
     return wrapped
+
+
+def _all_selected(mask: torch.Tensor) -> torch.Tensor:
+    """nonzero(mask) as if every element were nonzero: [numel, ndim] indices."""
+    return torch.empty((mask.numel(), mask.dim()), dtype=torch.long, device=mask.device)
 
 
 @contextlib.contextmanager

@@ -11,13 +11,14 @@ are tried fastest first (predicted tokens/s) and the first that fits ends that m
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pretrain.config import ConfigError, RunConfig, check_layout
 from pretrain.plan.devices import Device
 from pretrain.plan.estimate import predict_throughput
-from pretrain.plan.simulate import simulate_layout, worst_exit_step
+from pretrain.plan.simulate import SimulationError, simulate_layout, worst_exit_step
 
 NODE = 8
 
@@ -58,7 +59,9 @@ class Candidate:
 
 def settings(cfg: RunConfig, mesh: dict, world_size: int, device: Device, mfu: float, exits_on: int
              ) -> list[Candidate]:
-    """The valid settings of one mesh, fastest first (larger micro-batches first among equals)."""
+    """The valid settings of one mesh worth trying, fastest first. Settings of equal predicted speed
+    differ only in micro-batch size: the largest (the most efficient on a real device) is tried,
+    then the smallest (the least activation memory), before a slower setting."""
     dp = mesh["dp_shard"] * mesh["dp_replicate"]
     if cfg.train.global_batch_size % dp:
         return []
@@ -76,10 +79,14 @@ def settings(cfg: RunConfig, mesh: dict, world_size: int, device: Device, mfu: f
                     continue
                 speed = predict_throughput(candidate, dims, exits_on, device, mfu).tokens_per_s
                 found.append(Candidate(candidate, speed))
-    return sorted(found, key=lambda c: (-c.tokens_per_s, -c.cfg.train.micro_batch_size))
+    found.sort(key=lambda c: (-c.tokens_per_s, -c.cfg.train.micro_batch_size))
+    tiers: dict[float, list[Candidate]] = {}
+    for cand in found:
+        tiers.setdefault(round(cand.tokens_per_s, 6), []).append(cand)
+    return [c for tier in tiers.values() for c in ([tier[0], tier[-1]] if len(tier) > 1 else tier)]
 
 
-def search(cfg: RunConfig, world_size: int, device: Device, margin: float, mfu: float, per_mesh: int = 3,
+def search(cfg: RunConfig, world_size: int, device: Device, margin: float, mfu: float, per_mesh: int = 4,
            layers: int = 0) -> list[tuple[RunConfig, object]]:
     """[(candidate config, simulate_layout result)], the best tried setting of each mesh."""
     usable = device.memory_bytes * (1 - margin)
@@ -88,7 +95,13 @@ def search(cfg: RunConfig, world_size: int, device: Device, margin: float, mfu: 
     for mesh in meshes(world_size):
         tried = None
         for cand in settings(cfg, mesh, world_size, device, mfu, exits_on)[:per_mesh]:
-            tried = (cand.cfg, simulate_layout(cand.cfg, world_size, exit_cost=False, layers=layers))
+            stages = cand.cfg.parallel.pp * cand.cfg.parallel.virtual_stages
+            depth = -(-layers // stages) * stages          # plan.layers rounded up to whole stages
+            try:
+                tried = (cand.cfg, simulate_layout(cand.cfg, world_size, exit_cost=False, layers=depth))
+            except SimulationError as err:   # reported, and the search goes on with the next mesh
+                print(f"plan.search: {mesh} not simulated: {err}", file=sys.stderr)
+                break
             if max(r.memory.peak for r in tried[1][3]) <= usable:
                 break
         if tried is not None:

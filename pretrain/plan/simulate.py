@@ -82,7 +82,19 @@ def simulate_step(cfg: RunConfig, world_size: int, rank: int, step: int) -> Step
         return pool.apply(_simulate_step_here, (cfg, world_size, rank, step))
 
 
+class SimulationError(RuntimeError):
+    """The fake step failed (the message is the innermost error, picklable across the process)."""
+
+
 def _simulate_step_here(cfg: RunConfig, world_size: int, rank: int, step: int) -> StepMemory:
+    try:
+        return _simulate_step_in_process(cfg, world_size, rank, step)
+    except Exception as err:  # torch errors may not pickle back to the parent
+        raise SimulationError(f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                              ) from None
+
+
+def _simulate_step_in_process(cfg: RunConfig, world_size: int, rank: int, step: int) -> StepMemory:
     torch.set_num_threads(1)   # fake tensors compute nothing
     with fake_process_group(world_size, rank):
         dims = check_layout(cfg, world_size)
