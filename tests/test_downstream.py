@@ -269,3 +269,16 @@ def test_task_whose_data_cannot_be_read_one_line_exit_2(checkpoints, tmp_path, c
     assert main(["--checkpoint", str(run), "--tasks", "gone", "--include-path", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot load the data of task(s) gone: ") and "\n" not in err, err
+
+
+def test_registering_keeps_the_harness_models():
+    """The wrapper registers `layerskip` first thing in a fresh process: the harness's own models
+    (hf, dummy, ...) must stay available (it fills its registry only when that is empty)."""
+    import subprocess
+    import sys
+
+    code = ("from pretrain.downstream import register; register(); from lm_eval.api.registry import get_model; "
+            "print(get_model('dummy').__name__, get_model('layerskip').__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout.split() == ["DummyLM", "LayerSkipLM"], proc.stderr[-2000:]

@@ -8,6 +8,7 @@ LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
 
 def register() -> None:
     """Make `--model layerskip` known to the harness (a lazy entry: imported when first used)."""
+    import lm_eval.models  # noqa: F401  (the harness's own models first: it fills an empty registry only)
     from lm_eval.api.registry import model_registry
 
     if "layerskip" not in model_registry:

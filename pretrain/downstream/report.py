@@ -34,16 +34,19 @@ def format_exit_table(result: Mapping) -> str:
 
 
 def format_strategy_table(strategies: Mapping) -> str:
-    """One row per strategy: each generation task's metric, acceptance, tokens/s, speedup."""
+    """One row per strategy: each generation task's metric, acceptance, layer evaluations per generated
+    token (the hardware-independent cost; autoregressive: L), tokens/s, speedup."""
     tasks = list(next(iter(strategies.values()))["tasks"]) if strategies else []
-    head = f"{'strategy':<24}" + "".join(f"{t:>24}" for t in tasks) + f"{'acceptance':>11}{'tokens/s':>10}{'speedup':>9}"
+    head = (f"{'strategy':<24}" + "".join(f"{t:>24}" for t in tasks) +
+            f"{'acceptance':>11}{'layers/token':>13}{'tokens/s':>10}{'speedup':>9}")
     lines = [head]
     for label, row in strategies.items():
         acc = "-" if row["acceptance"] is None else f"{row['acceptance']:.3f}"
         tps = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.1f}"
         speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+        layers = "-" if row.get("layer_evals_per_token") is None else f"{row['layer_evals_per_token']:.2f}"
         lines.append(f"{label:<24}" + "".join(f"{_cell(row['tasks'][t]):>24}" for t in tasks) +
-                     f"{acc:>11}{tps:>10}{speedup:>9}")
+                     f"{acc:>11}{layers:>13}{tps:>10}{speedup:>9}")
     return "\n".join(lines)
 
 
