@@ -18,7 +18,7 @@ LLAMA3_8B = ["model.vocab_size=128256", "model.dim=4096", "model.n_layers=32", "
 LLAMA3_70B = ["model.vocab_size=128256", "model.dim=8192", "model.n_layers=80", "model.n_heads=64",
               "model.n_kv_heads=8", "model.ffn_dim=28672", "model.max_seq_len=8192", "model.rope_theta=500000.0"]
 # (name, model overrides, seq_len, sequences per data-parallel rank, tensor parallel)
-MODELS = [("llama_1b", ["model=llama_1b"], 4096, 2, 1), ("llama2_7b", ["model=llama2_7b"], 4096, 2, 1),
+MODELS = [("llama_1b", ["model=llama_1b", "model.vocab_size=128256"], 4096, 2, 1), ("llama2_7b", ["model=llama2_7b", "model.vocab_size=32000"], 4096, 2, 1),
           ("Llama-3-8B shape", LLAMA3_8B, 8192, 2, 1), ("70B (Llama-3-70B shape)", LLAMA3_70B, 8192, 4, 8)]
 WORLDS = (8, 64, 512)
 CHUNK = 4096

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SMALL = ["model=tiny", "model.dim=128", "model.ffn_dim=352", "train.seq_len=128", "train.global_batch_size=8",
+SMALL = ["model=tiny", "model.vocab_size=512", "model.dim=128", "model.ffn_dim=352", "train.seq_len=128", "train.global_batch_size=8",
          "train.micro_batch_size=2", "layerskip.early_exit.rotation_period=1"]
 LAYOUTS = {"1 process": (1, []), "FSDP 2": (2, ["parallel.dp_shard=2"]), "TP 2": (2, ["parallel.tp=2"]),
            "PP 2": (2, ["parallel.pp=2"]), "FSDP 2 x TP 2": (4, ["parallel.dp_shard=2", "parallel.tp=2"])}
@@ -42,10 +42,10 @@ def measured_peaks(world: int, overrides: list[str]) -> dict[int, dict]:
 
 
 def predicted_peaks(world: int, overrides: list[str]) -> dict[int, int]:
-    from pretrain.config import compose_run_config
+    from pretrain.plan.config import planned_run_config
     from pretrain.plan.simulate import simulate_layout
 
-    cfg, _ = compose_run_config(overrides)
+    cfg = planned_run_config(overrides)
     return {r.rank: r.memory.peak for r in simulate_layout(cfg, world, exit_cost=False)[3]}
 
 
@@ -81,7 +81,7 @@ def cpu_part() -> tuple[dict, str]:
 
 
 # `make gpu-check`: one GPU, a Llama-3.2-1B shape in bf16 (DRY_RUN: the small model on the CPU)
-GPU_RUN = ["model=llama_1b", "train.dtype=bfloat16", "train.seq_len=2048", "train.global_batch_size=4",
+GPU_RUN = ["model=llama_1b", "model.vocab_size=128256", "train.dtype=bfloat16", "train.seq_len=2048", "train.global_batch_size=4",
            "train.micro_batch_size=2", "layerskip.early_exit.rotation_period=4",
            "layerskip.early_exit.loss_chunk_tokens=2048"]
 

@@ -16,7 +16,7 @@ from pretrain.plan.memory import RankMemory, StepMemory
 from pretrain.plan.simulate import in_flight_micro_batches, stage_ranks, worst_exit_step
 from parallel.dims import ParallelDims
 
-TINY = ["model=tiny", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",
+TINY = ["model=tiny", "model.vocab_size=512", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",
         "layerskip.early_exit.rotation_period=2"]
 
 

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError, check_layout, compose_run_config
-from pretrain.plan.config import parse_plan_config, split_plan_overrides
+from pretrain.config import ConfigError, check_layout
+from pretrain.plan.config import parse_plan_config, planned_run_config, split_plan_overrides
 from pretrain.plan.devices import device_by_name
 from pretrain.plan.estimate import predict_throughput
 from pretrain.plan.report import build_report, format_report
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan_args, run_args = split_plan_overrides(argv)
         plan = parse_plan_config(plan_args)
-        cfg, _ = compose_run_config(run_args)
+        cfg = planned_run_config(run_args)
         device = device_by_name(plan.device)
         if not plan.search:
             dims = check_layout(cfg, plan.world_size)   # names the key before anything runs

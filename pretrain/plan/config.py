@@ -8,8 +8,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, RunConfig, compose_run_config
+from pretrain.model.config import VOCAB_AUTO
 from pretrain.plan.devices import device_by_name
+from pretrain.trainer.vocab import resolve_vocab_size
 
 
 @dataclass
@@ -33,6 +35,18 @@ def split_plan_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """(plan.* overrides, the training run's overrides)."""
     plan = [a for a in argv if a.startswith("plan.")]
     return plan, [a for a in argv if not a.startswith("plan.")]
+
+
+def planned_run_config(overrides: list[str]) -> RunConfig:
+    """The training run's config, composed as training composes it; `model.vocab_size=auto` is the
+    data's vocabulary as in training, and without readable data a ConfigError asks for a number
+    (a plan sizes a run before its data exists)."""
+    cfg, _ = compose_run_config(overrides)
+    cfg = resolve_vocab_size(cfg)
+    if cfg.model.vocab_size == VOCAB_AUTO:
+        raise ConfigError(f"model.vocab_size=auto: no prepared data at data.dir={cfg.data.dir} to take it from; "
+                          "give model.vocab_size=N (Llama 2: 32000, Llama 3: 128256)")
+    return cfg
 
 
 def parse_plan_config(overrides: list[str]) -> PlanConfig:

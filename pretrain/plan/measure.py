@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from pretrain.config import check_layout, compose_run_config
+from pretrain.config import check_layout
+from pretrain.plan.config import planned_run_config
 from pretrain.device import peak_memory_allocated, reset_peak_memory, select_device, synchronize
 from pretrain.layerskip.plan import step_plan
 from pretrain.model import LayerSkipTransformer
@@ -24,7 +25,7 @@ from parallel.mesh import launched_world_size, local_rank, setup_parallel, teard
 
 
 def measure(overrides: list[str]) -> dict:
-    cfg, _ = compose_run_config(overrides)
+    cfg = planned_run_config(overrides)
     world = launched_world_size()
     step, _ = worst_exit_step(cfg)
     cfg = fewer_micro_batches(worst_case_config(cfg), world)
