@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.inference import model_config_of_checkpoint
 from pretrain.evaluation.eval_inputs import EvalInputError, eval_target, validation_data
-from pretrain.model_loading import load_model_at
+from pretrain.model_loading import is_hf_dir, load_model_at
 from pretrain.config import EvalConfig
 from pretrain.device import select_device
 from pretrain.evaluation.early_exit_eval import format_eval_table
@@ -107,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                                  f"its checkpoints/step_N directory")
         if args.out and not Path(args.out).resolve().parent.is_dir():
             raise EvalInputError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
-        target = eval_target(args.checkpoint)   # the newest checkpoint that passes the checks
         if args.plot is not None:  # fail before the evaluation, not after it
             import matplotlib  # noqa: F401
-        val = validation_data(target, args.data_dir, model_config_of_checkpoint(target.checkpoint).vocab_size)
-        # the loader resume uses: checks, fallback to an older checkpoint, damaged ones skipped
+        if is_hf_dir(args.checkpoint):
+            eval_target(args.checkpoint)   # EvalInputError: import it first (the one-line hint)
+        # the loader resume uses: checks, fallback to an older checkpoint, damaged ones marked and skipped
         loaded = load_model_at(args.checkpoint, device=device)
-        if loaded.checkpoint != target.checkpoint:   # the newest had non-finite weights: marked, skipped
-            target = eval_target(str(loaded.checkpoint))
+        target = eval_target(str(loaded.checkpoint))
+        val = validation_data(target, args.data_dir, loaded.model.cfg.vocab_size)
     except (EvalInputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

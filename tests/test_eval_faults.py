@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from pretrain.operations.nonfinite import finite_tree
 from hydra import compose, initialize_config_dir
 
 from pretrain.checkpoint.writer import save_checkpoint
@@ -50,10 +52,18 @@ def test_checkpoint_with_nonfinite_weights_is_refused(run, tmp_path, capsys):
     model, _ = load_model(copy)
     with torch.no_grad():
         model.layers["1"].feed_forward.w2.weight[0, 0] = float("nan")
-    save_checkpoint(copy, 4, model, [], {}, (copy / "config.yaml").read_text(), keep=5)
-    assert eval_main(["--checkpoint", str(copy), "--decode-prompts", "0"]) == 2
-    one_line_error(capsys, "non-finite weights", "layers.1.feed_forward.w2.weight", "step_00000004")
+    bad = save_checkpoint(copy, 4, model, [], {}, (copy / "config.yaml").read_text(), keep=5)
+    assert eval_main(["--checkpoint", str(bad), "--decode-prompts", "0"]) == 2   # named: refused
+    err = capsys.readouterr().err   # the mark it leaves (a warning), then the one-line error
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: ")
+    assert "non-finite weights" in err.splitlines()[-1] and "step_00000004" in err.splitlines()[-1], err
     assert (copy / "eval.json").read_bytes() == before
+    # the run directory: the loader skips the (now marked) checkpoint and evaluates the newest sound one
+    assert eval_main(["--checkpoint", str(copy), "--decode-prompts", "0"]) == 0
+    out = capsys.readouterr()
+    assert "step_00000004" in out.err and "nan" not in out.out.lower()
+    written = json.loads((copy / "eval.json").read_text())   # the sound checkpoint's, which it may replace
+    assert "step_00000004" not in written["checkpoint"] and finite_tree(written)
 
 
 def test_data_of_another_tokenizer_is_refused(run, tmp_path, capsys):
