@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pretrain.downstream.harness_hook install   # plain `lm_eval --model layerskip` finds our model
 	touch $@
 
 setup: $(VENV)/.installed

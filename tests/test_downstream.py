@@ -282,3 +282,30 @@ def test_registering_keeps_the_harness_models():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.stdout.split() == ["DummyLM", "LayerSkipLM"], proc.stderr[-2000:]
+
+
+def test_startup_hook_makes_the_plain_harness_find_layerskip(tmp_path):
+    """The .pth line `make setup` installs: in a fresh interpreter that processes it, the harness's
+    own lookup finds `layerskip` beside its models, and nothing of ours (nor torch) is imported
+    before the harness asks; a site directory without the file does not know the name."""
+    import subprocess
+    import sys
+
+    from pretrain.downstream.harness_hook import PTH_FILE, main as hook_main
+
+    assert hook_main(["install", str(tmp_path)]) == 0 and (tmp_path / PTH_FILE).is_file()
+    probe = ("import site, sys; site.addsitedir(sys.argv[1]); before = 'torch' in sys.modules or 'pretrain' in sys.modules; "
+             "from lm_eval.api.registry import get_model; names = []\n"
+             "for n in ('hf', 'layerskip'):\n"
+             "    try: names.append(get_model(n).__name__)\n"
+             "    except ValueError: names.append('missing')\n"
+             "print(before, *names)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # -S: no site-packages .pth at start-up (make setup installs the same file there); the path is PYTHONPATH
+    hooked = subprocess.run([sys.executable, "-S", "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert hooked.stdout.split() == ["False", "HFLM", "LayerSkipLM"], hooked.stderr[-2000:]
+    assert hook_main(["remove", str(tmp_path)]) == 0 and not (tmp_path / PTH_FILE).exists()
+    plain = subprocess.run([sys.executable, "-S", "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert plain.stdout.split() == ["False", "HFLM", "missing"], plain.stderr[-2000:]

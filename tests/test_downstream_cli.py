@@ -1,4 +1,4 @@
-"""lm-evaluation-harness's own command line (through the registering wrapper pretrain.lm_eval_cli)
+"""lm-evaluation-harness's own command line (`lm_eval`, and the registering wrapper pretrain.lm_eval_cli)
 and an unknown task name: each needs the harness's index of its thousands of task files (about a
 minute on a busy 2-core machine), so this suite runs under `make test-harness-cli`
 (LAYERSKIP_HARNESS_CLI_TESTS=1), not in `make test`."""
@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ pytest.importorskip("lm_eval")
 from downstream_fixtures import build_checkpoints  # noqa: E402
 
 from pretrain.downstream import LOCAL_TASKS  # noqa: E402
+from pretrain.downstream.harness_hook import PTH_FILE  # noqa: E402
 from pretrain.downstream.source import ModelSource  # noqa: E402
 from pretrain.downstream.sweep import run_sweep  # noqa: E402
 
@@ -37,11 +40,16 @@ def _cli(*args, module="pretrain.lm_eval_cli"):
 
 
 def test_harness_cli_evaluates_the_registered_model_at_an_exit(run_dir, tmp_path):
-    """`lm_eval --model layerskip --model_args checkpoint=...,exit_layer=2` gives the accuracy our
-    sweep computes in-process at exit 2 on the same documents."""
-    proc = _cli("--model", "layerskip", "--model_args", f"checkpoint={run_dir},exit_layer=2",
-                "--tasks", "layerskip_tiny_mc,layerskip_tiny_gen", "--include_path", str(LOCAL_TASKS),
-                "--limit", "8", "--output_path", str(tmp_path / "out"))
+    """The harness's own `lm_eval` executable, `--model layerskip --model_args
+    checkpoint=...,exit_layer=2` (found through the start-up hook `make setup` installs), gives the
+    accuracy our sweep computes in-process at exit 2 on the same documents."""
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert (site / PTH_FILE).is_file(), f"{site / PTH_FILE} missing: make setup installs it"
+    proc = subprocess.run([str(lm_eval), "--model", "layerskip", "--model_args", f"checkpoint={run_dir},exit_layer=2",
+                           "--tasks", "layerskip_tiny_mc,layerskip_tiny_gen", "--include_path", str(LOCAL_TASKS),
+                           "--limit", "8", "--output_path", str(tmp_path / "out")],
+                          env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     expected = run_sweep(ModelSource.open(run_dir, torch.device("cpu")), ["layerskip_tiny_mc", "layerskip_tiny_gen"],
