@@ -19,9 +19,9 @@ Decisions. First, the ceiling: if drafting cannot beat `min_speedup` even with e
 lose) until `min_evidence` drafts are judged; then it re-decides after every round, at one standard
 error above the estimated α (thin evidence leans to drafting, whose own rounds then correct it).
 While decoding autoregressively, every `recheck_every` steps it probes again with `probe_rounds`
-rounds of one draft, so that a text that gets easier is noticed. Switching needs nothing: between rounds and steps every block's KV cache holds
-every committed token but the last, whichever strategy wrote it, so greedy output is the full
-model's either way.
+rounds of one draft, so that a text that gets easier is noticed. Switching needs nothing: between
+rounds and steps every block's KV cache holds every committed token but the last, whichever
+strategy wrote it, so greedy output is the full model's either way.
 """
 from __future__ import annotations
 
