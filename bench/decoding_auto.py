@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--gammas", default="1,2,3")
     ap.add_argument("--max-draft-len", type=int, default=8, help="γ range auto searches")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch-sizes", default="1,8", help="1 (prompts one by one) and/or 8")
+    ap.add_argument("--name", default="decoding_auto", help="bench/results/<name>.md and .json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -156,13 +158,14 @@ def main() -> None:
              f"tokens, {args.new_tokens} new tokens each, greedy. Every output was checked identical to "
              "autoregressive decoding.", ""]
     payload = {"args": vars(args), "checkpoint": str(ckpt), "eval_exit": eval_exit, "sections": []}
-    for batch, batch_prompts in ((1, prompts[:args.batch1_prompts]), (8, prompts)):
+    sizes = {int(b) for b in args.batch_sizes.split(",")}
+    for batch, batch_prompts in ((b, ps) for b, ps in ((1, prompts[:args.batch1_prompts]), (8, prompts)) if b in sizes):
         section, data = batch_size_section(model, batch_prompts, batch, args, eval_exit)
         lines += section + [""]
         payload["sections"].append(data)
     lines += ["Summary: " + "; ".join(f"batch {d['batch']}: auto {d['auto_over_better_fixed']:.3f}x the better fixed "
                                       f"strategy ({d['better_fixed']})" for d in payload["sections"]) + "."]
-    record("decoding_auto", "strategy auto vs the fixed decoding strategies", payload, "\n".join(lines))
+    record(args.name, "strategy auto vs the fixed decoding strategies", payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

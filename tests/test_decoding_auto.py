@@ -37,8 +37,9 @@ def test_controller_decides_from_costs_and_acceptance():
     assert auto.strategy == "autoregressive" and auto.predicted < 1 and auto.acceptance < 0.05
     assert [d["strategy"] for d in auto.decisions] == ["self_speculative", "autoregressive"]
     assert auto.decisions[0]["after_tokens"] == 10
-    # while autoregressive, every recheck_every-th step is a probe round of one draft
-    assert [auto.next_draft_len() for _ in range(16)] == ([0] * (auto.recheck_every - 1) + [1]) * 2
+    # while autoregressive, after every recheck_every - 1 plain steps come probe_rounds rounds of one draft
+    cycle = [0] * (auto.recheck_every - 1) + [1] * auto.probe_rounds
+    assert [auto.next_draft_len() for _ in range(2 * len(cycle))] == cycle * 2
 
     never = AutoStrategy(num_layers=6, exit_layer=2, costs=NEVER)
     assert never.never_drafts and never.ceiling < 1 and never.strategy == "autoregressive"
@@ -79,7 +80,8 @@ def test_switching_every_round_gives_the_autoregressive_text(model, expected, mo
         flips.append(self.strategy)
 
     monkeypatch.setattr(AutoStrategy, "observe", flip)
-    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=2))
+    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=2,
+                                                                       probe_rounds=1))
     eos = None if eos_row is None else expected[eos_row][4]
     out, stats = generate(model, PROMPTS, exit_layer=3, max_new_tokens=NEW, costs=PAYS, eos_id=eos)
     assert out == [reference_greedy(model, p, NEW, eos=eos) for p in PROMPTS]

@@ -16,11 +16,12 @@ here, agreement comes in runs) and would bias the choice against drafting.
 
 Decisions. First, the ceiling: if drafting cannot beat `min_speedup` even with every draft accepted
 (α = 1), the decoder never drafts. Otherwise it probes: rounds of one draft (the cheapest round to
-lose) until `min_evidence` drafts are judged; then it re-decides after every round. While decoding
-autoregressively, every `recheck_every`-th step is a probe round instead, so that a text that gets
-easier is noticed. Switching needs nothing: between rounds and steps every block's KV cache holds
-every committed token but the last, whichever strategy wrote it, so greedy output is the full
-model's either way.
+lose) until `min_evidence` drafts are judged; then it re-decides after every round, at one standard
+error above the estimated α (thin evidence leans to drafting, whose own rounds then correct it).
+While decoding autoregressively, every `recheck_every` steps it probes again with `probe_rounds`
+rounds of one draft, so that a text that gets easier is noticed. Switching needs nothing: between
+rounds and steps every block's KV cache holds every committed token but the last, whichever
+strategy wrote it, so greedy output is the full model's either way.
 """
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ class AutoStrategy:
     costs: DecodeCosts                # measured at the batch size being decoded
     max_draft_len: int = 8            # γ searched in 1..max_draft_len
     min_speedup: float = 1.0          # draft only when predicted faster than this
-    min_evidence: int = 8             # judged drafts before the first decision
-    recheck_every: int = 8            # while autoregressive: a probe round after this many steps
+    min_evidence: int = 16            # judged drafts before the first decision
+    recheck_every: int = 16           # while autoregressive: probe rounds after this many steps
+    probe_rounds: int = 3             # consecutive rounds of one draft per probe
     decay: float = 0.98               # weight of older evidence, per draft judged (memory ~50 drafts)
     score: float = 0.0                # decayed accepted drafts
     positions: float = 0.0            # decayed judged drafts
@@ -60,6 +62,7 @@ class AutoStrategy:
     reason: str = field(init=False)
     decisions: list[dict] = field(default_factory=list)   # every change of strategy
     steps_since_probe: int = 0
+    probes_left: int = 0
     drafting_rounds: int = 0
     autoregressive_steps: int = 0
 
@@ -98,10 +101,13 @@ class AutoStrategy:
             return self.draft_len
         if self.never_drafts:
             return 0
+        if self.probes_left:
+            self.probes_left -= 1
+            return 1
         self.steps_since_probe += 1
         if self.steps_since_probe < self.recheck_every:
             return 0
-        self.steps_since_probe = 0
+        self.steps_since_probe, self.probes_left = 0, self.probe_rounds - 1
         return 1
 
     def observe(self, score: float, positions: int, generated: int) -> None:
@@ -114,16 +120,25 @@ class AutoStrategy:
             self.seen += positions
         if self.seen < self.min_evidence:
             return
-        _, gamma, speedup = self._best(self.acceptance)
-        self.predicted, self.draft_len = speedup, gamma
+        alpha = self.acceptance
+        # decide at one standard error above the estimate: a few drafts judged in isolated probes
+        # understate the acceptance of continuous drafting, and a wrong "draft" is corrected by
+        # the next rounds' evidence, a wrong "autoregressive" only by the next probe
+        upper = min(1.0, alpha + (alpha * (1 - alpha) / self.positions) ** 0.5)
+        _, gamma, self.predicted = self._best(alpha)      # γ for the estimate; the bound only decides
+        self.draft_len = gamma
+        speedup = expected_speedup_with_costs(upper, gamma, self.exit_layer, self.num_layers, self.costs)
         choice = SELF_SPECULATIVE if speedup > self.min_speedup else AUTOREGRESSIVE
         verdict = "pays" if choice == SELF_SPECULATIVE else "does not pay"
-        self.reason = (f"at acceptance {self.acceptance:.3f} drafting (E={self.exit_layer}, best γ={gamma}) is "
-                       f"predicted {speedup:.3f}x autoregressive from the costs measured at batch "
-                       f"{self.costs.batch}: it {verdict}")
+        self.reason = (f"at acceptance {alpha:.3f} (upper bound {upper:.3f}) drafting (E={self.exit_layer}, best "
+                       f"γ={gamma}) is predicted {self.predicted:.3f}x ({speedup:.3f}x at the bound) autoregressive "
+                       f"from the costs measured at batch {self.costs.batch}: it {verdict}")
+        if choice == SELF_SPECULATIVE:
+            self.probes_left = 0
         if choice != self.strategy or not self.decisions:
-            self.decisions.append({"after_tokens": generated, "strategy": choice, "acceptance": self.acceptance,
-                                   "draft_len": gamma, "predicted_speedup": speedup})
+            self.decisions.append({"after_tokens": generated, "strategy": choice, "acceptance": alpha,
+                                   "draft_len": gamma, "predicted_speedup": self.predicted,
+                                   "predicted_speedup_at_upper_bound": speedup})
         self.strategy = choice
 
     def report(self) -> dict:

@@ -34,12 +34,12 @@ _STEP_TOKENS = (2, 18)
 @torch.no_grad()
 def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: int | None = None,
                          repeats: int = 15, warmup: int = 3, seed: int = 0, batch: int = 1) -> DecodeCosts:
-    """Median seconds (CPU seconds on the CPU) of one block (all blocks on M positions, divided by L) and of the head with
-    the greedy argmax on M positions, M = 1..max_positions, for `batch` rows after `context` cached
-    tokens of random ids (default: up to 64, what the model's max_seq_len leaves); and the rest of
-    a forward pass: the per-token slope of autoregressive decoding time less L b(1) + h(1). A
-    forward of `batch` rows costs more than one of a single row (and not `batch` times as much): the
-    costs of one batch size do not predict another's."""
+    """Median seconds (CPU seconds on the CPU) of one block (all blocks on M positions, divided by L)
+    and of the head with the greedy argmax on M positions, M = 1..max_positions, for `batch` rows
+    after `context` cached tokens of random ids (default: up to 64, what the model's max_seq_len
+    leaves); and the rest of a forward pass: the per-token slope of autoregressive decoding time
+    less L b(1) + h(1). A forward of `batch` rows costs more than one of a single row (and not
+    `batch` times as much): the costs of one batch size do not predict another's."""
     cfg = model.cfg
     longest = max(max_positions, _STEP_TOKENS[1])
     if context is None:
