@@ -19,16 +19,30 @@ from collections.abc import Callable
 
 import torch
 
-from pretrain.decoding.generation import generate
 from pretrain.decoding.compiled import decoding_cache_type
 from pretrain.decoding.runner import BlockRunner
+from pretrain.decoding.sampling import SamplingConfig
+from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stats import DecodeStats
+from pretrain.decoding.stepwise import decode_stepwise, prefill
 from pretrain.device import synchronize
 from schedules.speedup import DecodeCosts
 
 
 # the pass overhead is the slope of autoregressive decoding time over this many extra tokens
 _STEP_TOKENS = (2, 18)
+
+
+def greedy_autoregressive(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy autoregressive decoding as generate() runs it (prefill, then one token per forward
+    through every block); here so that the cost model does not import generate(), which uses it."""
+    device = model.tok_embeddings.weight.device
+    seqs = Sequences(prompts, new_tokens, None, spare=1, device=device)
+    runner = BlockRunner(model, decoding_cache_type(model).for_model(model, seqs.batch, seqs.capacity), DecodeStats())
+    greedy = SamplingConfig()
+    prefill(runner, seqs, model.cfg.n_layers, greedy, None)
+    decode_stepwise(runner, seqs, model.cfg.n_layers, greedy, None)
+    return seqs.outputs()
 
 
 @torch.no_grad()
@@ -70,8 +84,7 @@ def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: in
             head.append(_median_seconds(lambda h=h: runner.head(h).argmax(-1), lambda: None, device, repeats,
                                         warmup))
         prompts = ids[:, :context].tolist()
-        short, long = (_median_seconds(lambda n=n: generate(model, prompts, strategy="autoregressive",
-                                                             max_new_tokens=n), lambda: None, device,
+        short, long = (_median_seconds(lambda n=n: greedy_autoregressive(model, prompts, n), lambda: None, device,
                                        max(repeats // 3, 3), 1)
                        for n in _STEP_TOKENS)
         per_token = (long - short) / (_STEP_TOKENS[1] - _STEP_TOKENS[0])

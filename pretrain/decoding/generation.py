@@ -21,6 +21,7 @@ import torch
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.auto_strategy import AutoStrategy, decode_auto
 from pretrain.decoding.compiled import compile_blocks_for_decoding, decoding_cache_type
+from pretrain.decoding.cost_model import decode_costs_at
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig
@@ -140,8 +141,6 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
         compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
     auto, measuring_s = None, 0.0
     if opts.strategy == "auto":
-        from pretrain.decoding.cost_model import decode_costs_at   # here: the cost model times generate()
-
         start = time.perf_counter()
         costs = opts.costs or decode_costs_at(model, seqs.batch, opts.max_draft_len + 1)
         measuring_s = time.perf_counter() - start
