@@ -37,7 +37,7 @@ def test_dry_run_writes_the_summary(tmp_path):
     text = out.read_text()
     assert proc.returncode == 0, text + proc.stderr[-2000:]
     assert "CPU dry run" in text and "no number here is a GPU result" in text
-    rows = {m[0]: m[1] for m in re.findall(r"^\| (a|b|c\d|m) \| [^|]+ \| ([^|]+) \|", text, re.M)}
+    rows = {m[0]: m[1] for m in re.findall(r"^\| (a|b|c\d|m|p) \| [^|]+ \| ([^|]+) \|", text, re.M)}
     assert rows == {k: "passed" for k in ("a", "b", "c1", "c2", "c3", "c4", "c5", "m", "p")}, text
     assert re.search(r"^\| m \|.*tp2: loss rel [0-9.e+-]+, [1-9]\d* graphs", text, re.M)   # compiled vs eager
     assert re.search(r"^\| a \|.*\| \d+ passed", text, re.M)               # the pytest count

@@ -31,6 +31,7 @@ BASE = ["model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.mi
 def env(**extra):
     out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_SILENT="true", **extra)
     out.pop("WORLD_SIZE", None)
+    out.pop("WANDB_SERVICE", None)   # set by an earlier in-process W&B run: the child would reuse that service
     return out
 
 
