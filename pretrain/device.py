@@ -53,11 +53,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     resident set size (RSS) of the process on the CPU."""
     if is_accelerator(device):
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-    import sys
+    try:  # Linux: this program's own peak (getrusage's ru_maxrss survives execve: it would report
+        # the peak of whatever process forked this one, e.g. a large launcher)
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        import resource
+        import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def fused_adamw_supported(device: torch.device) -> bool:

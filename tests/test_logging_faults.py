@@ -211,3 +211,15 @@ def test_metrics_rows_tensorboard_and_eta(tmp_path, capsys):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(r["step"], r["loss"]) for r in rows]
     assert [e.value for e in events.Scalars("train/exit_loss/1")] == [r["exit_loss"]["1"] for r in rows]
+
+
+def test_cpu_peak_memory_is_this_programs_not_its_launchers():
+    """peak_memory_mib on the CPU is the process's own peak RSS: getrusage's ru_maxrss survives
+    execve, so a trainer started by a large process (pytest here, a launcher on a cluster) would
+    report its parent's peak."""
+    ballast = b"x" * (600 * 2**20)  # this process's RSS above 600 MiB, resident (written)
+    code = "import torch; from pretrain.device import peak_memory_bytes; print(peak_memory_bytes(torch.device('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
+    del ballast
+    child_mib = int(out.stdout.strip()) / 2**20
+    assert 20 < child_mib < 600, (child_mib, out.stderr[-2000:])
