@@ -4,6 +4,7 @@ the non-finite guard (skip / stop / rollback); refusals (exit 2, nothing changed
 interrupted final evaluation; metrics.jsonl once per step; checkpoint.dir; W&B run id on resume."""
 import hashlib
 import json
+import re
 import os
 import signal
 import subprocess
@@ -238,7 +239,8 @@ def test_wandb_resume_keeps_the_run_id(data_dir, tmp_path):
     train(config(data_dir, run_dir, "train.steps=4", "logging.wandb.mode=offline"))
     assert (run_dir / "wandb_run_id").read_text().strip() == first
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert runs and all(name.endswith(first) for name in runs)
+    # W&B names an invocation's folder offline-run-<time>-<id>, adding -N when two start in one second
+    assert runs and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?", name) for name in runs), runs
 
 
 def test_full_disk_during_training_is_one_clear_error(data_dir, tmp_path, monkeypatch):
