@@ -29,6 +29,7 @@ from pretrain.evaluation.early_exit_eval import format_eval_table
 from pretrain.evaluation.eval_file import destination
 from pretrain.evaluation.evaluate import evaluate
 from pretrain.data.sources import source_list
+from pretrain.downstream.report import with_earlier_downstream
 from pretrain.files import write_atomic
 from pretrain.checkpoint.integrity import all_finite
 from pretrain.operations.nonfinite import finite_tree
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         out, note = Path(args.out), None
     else:
         out, note = destination(ckpt.parent.parent / "eval.json", result, finite_tree)
-    write_atomic(out, json.dumps(result, indent=2))
+    write_atomic(out, json.dumps(with_earlier_downstream(out, result), indent=2))
     if note:
         print(note)
     print(f"wrote {out}")

@@ -144,3 +144,17 @@ def test_a_nonfinite_evaluation_never_becomes_eval_json(tmp_path):
     path.write_text('{"exits": {"1": {"loss": NaN}}, "step": 9}')  # a bad one from an older version
     good = {"exits": {"1": {"loss": 3.0}}, "checkpoint_step": 3, "tokens": 64}
     assert destination(path, good, finite_tree) == (path, f"replaced {path}, which held non-finite values")
+
+
+def test_per_exit_evaluation_keeps_the_downstream_results_of_eval_json(run, tmp_path):
+    """`pretrain.eval --tasks` writes its results under eval.json's "downstream" key; a later
+    per-exit evaluation replacing eval.json keeps them (they name their own checkpoint)."""
+    from pretrain.downstream.report import merge_into_eval_json
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    downstream = {"checkpoint": str(copy / "checkpoints" / "step_00000003"), "exits": {"2": {"task": {"value": 0.5}}}}
+    merge_into_eval_json(copy / "eval.json", downstream)
+    assert eval_main(["--checkpoint", str(copy), "--decode-prompts", "0"]) == 0
+    written = json.loads((copy / "eval.json").read_text())
+    assert written["downstream"] == downstream and "exits" in written and written["exits"] != downstream["exits"]

@@ -5,10 +5,10 @@ task; matplotlib from the `plot` extra)."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pretrain.files import write_atomic
 from pretrain.metrics.logger import RUN_ID_FILE, wandb_mode
 
 EVAL_KEY = "downstream"
@@ -71,11 +71,18 @@ def merge_into_eval_json(path: str | Path, result: Mapping, key: str = EVAL_KEY)
         if not isinstance(current, dict):
             raise ValueError(f"{path} holds no JSON object; not replacing it (give --out another file)")
     current[key] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(current, indent=2))
+
+
+def with_earlier_downstream(path: str | Path, result: dict, key: str = EVAL_KEY) -> dict:
+    """`result` plus the downstream results an earlier `pretrain.eval --tasks` wrote into the
+    eval.json at `path` (they carry their own checkpoint), when `result` has none of its own: a
+    per-exit evaluation written over that file must not drop them."""
+    try:
+        earlier = json.loads(Path(path).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return result
+    return result if earlier is None or key in result else {**result, key: earlier}
 
 
 def table_rows(result: Mapping) -> list[list]:

@@ -21,6 +21,7 @@ from pretrain.data.sources import source_list
 from pretrain.device import peak_memory_bytes, synchronize
 from pretrain.evaluation.early_exit_eval import format_eval_table
 from pretrain.evaluation.evaluate import evaluate
+from pretrain.downstream.report import with_earlier_downstream
 from pretrain.downstream.training import downstream_at_evaluation
 from pretrain.layerskip.plan import step_plan
 from pretrain.metrics.flops import mfu, step_flops
@@ -89,7 +90,8 @@ def evaluate_on_main(cfg: RunConfig, trainer: Trainer, val: dict[str, PackedData
                     "best": result.get("best", {}), "decoding": result.get("decoding", {}),
                     "sources": result.get("sources", {})}, kind="eval")
         if finite_tree(result):
-            write_atomic(Path(cfg.run_dir) / "eval.json", json.dumps(result, indent=2))
+            path = Path(cfg.run_dir) / "eval.json"
+            write_atomic(path, json.dumps(with_earlier_downstream(path, result), indent=2))
         else:
             logger.write(f"warning: evaluation at step {step} gave non-finite values; eval.json not written")
     trainer.barrier()
