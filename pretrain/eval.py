@@ -31,9 +31,8 @@ from pretrain.evaluation.evaluate import evaluate
 from pretrain.data.sources import source_list
 from pretrain.downstream.report import with_earlier_downstream
 from pretrain.files import write_atomic
-from pretrain.checkpoint.integrity import all_finite
 from pretrain.operations.nonfinite import finite_tree
-from pretrain.trainer.preflight import tokenizer_vocabulary
+from pretrain.trainer.preflight import differing_token_ids, tokenizer_vocabulary
 
 
 def at_least(least: int):
@@ -47,27 +46,14 @@ def at_least(least: int):
     return parse
 
 
-def check_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """A checkpoint with NaN/inf weights has nothing to evaluate (its figures would be NaN)."""
-    bad = [name for name, p in model.named_parameters() if not all_finite([p.detach()])]
-    if bad:
-        raise ValueError(f"checkpoint {ckpt} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
-                         f"not evaluated, eval.json unchanged; evaluate an earlier checkpoint (checkpoints/step_N)")
-
-
-def check_data(val, model: torch.nn.Module, tokenizer: str | None, data_dir: str | None) -> None:
-    """The data is tokenized as the model was trained: the same token ids as the checkpoint's
-    tokenizer (for --data-dir) and no token id beyond the model's vocabulary."""
-    sets = val if isinstance(val, dict) else {"": val}
-    for ds in sets.values():
-        if ds.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"{ds.data_dir}: its tokenizer has {ds.vocab_size} tokens but the model has "
-                             f"{model.cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
+def check_data_tokenizer(tokenizer: str | None, data_dir: str | None) -> None:
+    """--data-dir is tokenized as the model was trained: the same token ids as the checkpoint's
+    tokenizer (its vocabulary size is validation_data's check)."""
     if data_dir and tokenizer:
         theirs = tokenizer_vocabulary(Path(data_dir) / "tokenizer.json")
         ours = tokenizer_vocabulary(Path(tokenizer))
         if theirs is not None and ours is not None and theirs != ours:
-            differ = sum(1 for t, i in theirs.items() if ours.get(t) != i) + len(set(ours) - set(theirs))
+            differ = differing_token_ids(ours, theirs)
             raise ValueError(f"--data-dir {data_dir}: its tokenizer differs from the checkpoint's ({tokenizer}) in "
                              f"{differ} token ids; prepare the data with that tokenizer "
                              f"(pretrain.data.prepare --tokenizer {Path(tokenizer).parent})")
@@ -127,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EvalConfig(batches=args.batches, batch_size=args.batch_size, max_draft_len=args.max_draft_len,
                      decode_prompts=args.decode_prompts, decode_new_tokens=args.decode_new_tokens)
     try:
-        check_weights(model, ckpt)
-        check_data(val, model, tokenizer, args.data_dir)
+        check_data_tokenizer(tokenizer, args.data_dir)   # non-finite weights: the loader refused them
         with torch.no_grad():
             result = evaluate(model, val, device, cfg)
     except (ValueError, FileNotFoundError) as err:  # DataError, ConfigError: one line, nothing written

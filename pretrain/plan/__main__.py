@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from pretrain.config import ConfigError, check_layout
+from pretrain.files import write_atomic
 from pretrain.plan.config import parse_plan_config, planned_run_config, split_plan_overrides
 from pretrain.plan.devices import device_by_name
 from pretrain.plan.estimate import predict_throughput
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             result["extrapolated_from_layers"] = [plan.layers, 2 * plan.layers]
         print(format_report(result))
     if plan.json:
-        path = Path(plan.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(path)
+        write_atomic(plan.json, json.dumps(result, indent=2))
     return 0
 
 

@@ -80,6 +80,11 @@ def tokenizer_vocabulary(path: Path) -> dict[str, int] | None:
         raise ConfigError(f"{path}: not a readable tokenizer.json ({err})") from None
 
 
+def differing_token_ids(ours: dict[str, int], theirs: dict[str, int]) -> int:
+    """How many tokens two vocabularies map differently (or only `ours` has)."""
+    return sum(1 for t, i in theirs.items() if ours.get(t) != i) + len(set(ours) - set(theirs))
+
+
 def check_tokenizers(cfg: RunConfig) -> None:
     """The data's tokenizer is the one the run was trained with (when it resumes from checkpoints)
     and the one of the initial model (checkpoint.init_from, when it has a tokenizer.json): the same
@@ -96,7 +101,7 @@ def check_tokenizers(cfg: RunConfig) -> None:
     for key, whose, path in others:
         vocab = tokenizer_vocabulary(path)
         if vocab is not None and vocab != data_vocab:
-            differ = sum(1 for t, i in data_vocab.items() if vocab.get(t) != i) + len(set(vocab) - set(data_vocab))
+            differ = differing_token_ids(vocab, data_vocab)
             raise ConfigError(f"{key}: the data's tokenizer ({data_dir / 'tokenizer.json'}) differs from {whose} "
                               f"({path}) in {differ} token ids; prepare the data with that tokenizer "
                               f"(pretrain.data.prepare --tokenizer {path.parent})")
