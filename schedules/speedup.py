@@ -8,13 +8,14 @@ With acceptance α per drafted token, draft length γ, exit E of L layers and th
 
 The layer count assumes a block costs the same on 1 and on γ+1 positions and the shared head costs
 nothing. With measured costs b(M), h(M) of one block and of the head on M positions of a row,
-and s of the rest of one forward pass (embedding, token choice, cache bookkeeping):
-    round          γ(E b(1) + h(1) + s) + E b(1) + (L - E) b(γ+1) + h(γ+1) + s
+and s of the rest of one forward pass (embedding, token choice, cache bookkeeping), and r(γ) of
+what a round does besides its passes (accepting, committing, cropping every layer's cache):
+    round          γ(E b(1) + h(1) + s) + E b(1) + (L - E) b(γ+1) + h(γ+1) + s + r(γ)
                    (γ draft passes; in the verify pass, the early blocks on the one uncached draft
                    and the late blocks and the head on all γ+1 positions)
     autoregressive L b(1) + h(1) + s per token
     speedup        tokens per round · autoregressive / round
-which is the layer-count speedup when b ≡ 1 and h ≡ 0.
+which is the layer-count speedup when b ≡ 1 and h ≡ r ≡ 0.
 """
 from __future__ import annotations
 
@@ -79,11 +80,16 @@ class DecodeCosts:
     """Cost of one block (`block[M-1]`) and of the shared exit head (`head[M-1]`) on M positions of
     each of `batch` rows, M = 1..max_positions, and of the rest of one forward pass (`step`), in
     any one unit (seconds when measured). Every row of a batch runs every forward, so the formulas
-    below hold for a batch with the costs of its forwards."""
+    below hold for a batch with the costs of its forwards. `round_extra[γ-1]`, γ = 1..max_positions-1:
+    what a draft-verify round with γ drafts costs beyond its passes (empty: nothing). Measured as a
+    real round less its passes' costs at one exit (`exit_layer`), it may be negative where the parts
+    over-predict the whole; exact at that exit, an estimate at others."""
     block: tuple[float, ...]
     head: tuple[float, ...]
     step: float = 0.0
     batch: int = 1
+    round_extra: tuple[float, ...] = ()
+    exit_layer: int | None = None
 
     def __post_init__(self):
         if not self.block or len(self.block) != len(self.head):
@@ -93,6 +99,9 @@ class DecodeCosts:
             raise ValueError(f"DecodeCosts must be positive: block={self.block}, head={self.head}, step={self.step}")
         if self.batch < 1:
             raise ValueError(f"DecodeCosts batch={self.batch} must be >= 1")
+        if self.round_extra and len(self.round_extra) != len(self.block) - 1:
+            raise ValueError(f"DecodeCosts round_extra needs one cost per draft length 1..{len(self.block) - 1}, "
+                             f"got {len(self.round_extra)}")
 
     @classmethod
     def layer_count(cls, max_positions: int) -> "DecodeCosts":
@@ -109,6 +118,9 @@ class DecodeCosts:
     def head_cost(self, positions: int) -> float:
         return self.head[self._index(positions)]
 
+    def round_extra_cost(self, draft_len: int) -> float:
+        return self.round_extra[draft_len - 1] if self.round_extra else 0.0
+
     def _index(self, positions: int) -> int:
         if not 1 <= positions <= len(self.block):
             raise ValueError(f"no cost measured for {positions} positions (1..{len(self.block)})")
@@ -116,12 +128,13 @@ class DecodeCosts:
 
 
 def round_cost(draft_len: int, exit_layer: int, num_layers: int, costs: DecodeCosts) -> float:
-    """γ(E b(1) + h(1) + s) + E b(1) + (L - E) b(γ+1) + h(γ+1) + s: one draft-verify round of one row."""
+    """γ(E b(1) + h(1) + s) + E b(1) + (L - E) b(γ+1) + h(γ+1) + s + r(γ): one draft-verify round."""
     _check_exit(exit_layer, num_layers)
     b1, h1 = costs.block_cost(1), costs.head_cost(1)
     g = draft_len
     return g * (exit_layer * b1 + h1 + costs.step) + exit_layer * b1 \
-        + (num_layers - exit_layer) * costs.block_cost(g + 1) + costs.head_cost(g + 1) + costs.step
+        + (num_layers - exit_layer) * costs.block_cost(g + 1) + costs.head_cost(g + 1) + costs.step \
+        + costs.round_extra_cost(g)
 
 
 def expected_speedup_with_costs(acceptance: float, draft_len: int, exit_layer: int, num_layers: int,

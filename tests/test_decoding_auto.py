@@ -47,6 +47,18 @@ def test_controller_decides_from_costs_and_acceptance():
     assert "cannot pay" in never.report()["reason"]
 
 
+def test_a_rounds_own_cost_can_decide_against_drafting():
+    """Exit 5 of 6, layer-count passes, every draft accepted: a round of γ drafts gives γ + 1 tokens
+    for 5γ + 6 blocks against 6(γ + 1) autoregressive (1.09x at γ = 1 .. 1.17x at γ = 8); a round's
+    own work of 9 blocks more takes every γ below 1."""
+    gammas = range(1, 9)
+    assert max(expected_speedup_with_costs(1.0, g, 5, 6, PAYS) for g in gammas) > 1
+    bookkept = DecodeCosts(block=PAYS.block, head=PAYS.head, round_extra=(9.0,) * 8, exit_layer=5)
+    assert max(expected_speedup_with_costs(1.0, g, 5, 6, bookkept) for g in gammas) < 1
+    assert not AutoStrategy(num_layers=6, exit_layer=5, costs=PAYS).never_drafts
+    assert AutoStrategy(num_layers=6, exit_layer=5, costs=bookkept).never_drafts
+
+
 def test_never_drafts_when_costs_say_it_cannot_pay(model, expected):
     out, stats = generate(model, PROMPTS, exit_layer=2, max_new_tokens=NEW, costs=NEVER)
     assert out == expected
@@ -99,6 +111,7 @@ def test_measured_costs_are_of_the_batch_size_and_kept():
     first = stats.auto[0]
     assert out == reference
     assert first["costs"]["batch"] == 3 and len(first["costs"]["block_s"]) == 3 and first["cost_measurement_s"] > 0
+    assert len(first["costs"]["round_extra_s"]) == 2 and first["costs"]["round_extra_exit"] == 2   # γ 1, 2 at E=2
     _, again = generate(fresh, prompts, exit_layer=2, max_new_tokens=10, max_draft_len=2)
     assert again.auto[0]["costs"] == first["costs"]                            # measured once
     assert again.auto[0]["cost_measurement_s"] < first["cost_measurement_s"] / 10

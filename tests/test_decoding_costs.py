@@ -4,7 +4,7 @@ import pytest
 from builders import NEW, PROMPTS, make_model
 
 from pretrain.decoding import generate
-from pretrain.decoding.cost_model import measure_decode_costs
+from pretrain.decoding.cost_model import measure_decode_costs, measure_round_extra
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.runner import BlockRunner
 from schedules.speedup import DecodeCosts, expected_speedup_with_costs, round_cost
@@ -65,6 +65,39 @@ def test_measured_costs_are_timings_of_every_width(model):
         measure_decode_costs(model, max_positions=4, context=model.cfg.max_seq_len - 10)
     with pytest.raises(ValueError, match="max_positions=0"):
         measure_decode_costs(model, max_positions=0)
+
+
+def _burn_cpu(seconds: float) -> None:
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_round_extra_is_what_a_real_round_costs_besides_its_passes(model, monkeypatch):
+    """A round's own work (here made 20 ms of CPU longer, at the cache crop every round ends with)
+    shows in round_extra at every draft length; without it the extra is far smaller; round_cost
+    counts it."""
+    costs = measure_decode_costs(model, max_positions=4, context=8, repeats=3, warmup=1)
+    plain = measure_round_extra(model, costs, exit_layer=2, context=8, repeats=3)
+    assert plain.exit_layer == 2 and len(plain.round_extra) == 3 and plain.block == costs.block
+    crop = BlockRunner.crop_to_committed
+
+    def slow_crop(self, *args, **kwargs):
+        _burn_cpu(0.02)
+        return crop(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockRunner, "crop_to_committed", slow_crop)
+    slow = measure_round_extra(model, costs, exit_layer=2, context=8, repeats=3)
+    for gamma, (before, after) in enumerate(zip(plain.round_extra, slow.round_extra), start=1):
+        assert abs(before) < 0.01 and 0.015 < after - before < 0.03, (gamma, before, after)
+        assert round_cost(gamma, 2, model.cfg.n_layers, slow) == pytest.approx(
+            round_cost(gamma, 2, model.cfg.n_layers, costs) + after)
+    with pytest.raises(ValueError, match=f"exit_layer={model.cfg.n_layers} < {model.cfg.n_layers}"):
+        measure_round_extra(model, costs, exit_layer=model.cfg.n_layers)
+    with pytest.raises(ValueError, match="round_extra needs one cost per draft length 1..3"):
+        DecodeCosts(block=costs.block, head=costs.head, round_extra=(0.0,))
 
 
 def test_costs_steer_the_dynamic_exit_toward_short_drafts():

@@ -2,8 +2,8 @@
 autoregressively when it does not, and change its mind as acceptance evidence arrives.
 
 Prediction. With the costs of this batch's forwards measured on this machine (cost_model.py: a
-block and the head on 1..γ+1 positions of every row, and the rest of a pass) and the observed
-acceptance α at exit E, schedules.speedup gives the predicted speedup of drafting over
+block and the head on 1..γ+1 positions of every row, the rest of a pass, and what a real round at
+exit E costs besides its passes) and the observed acceptance α at exit E, schedules.speedup gives the predicted speedup of drafting over
 autoregressive decoding, (1 + α + .. + α^γ) · (L b(1) + h(1) + s) / round_cost(γ), at the best γ
 in 1..max_draft_len. Autoregressive decoding is 1 by definition. Drafting is chosen when its
 prediction exceeds `min_speedup`.
@@ -154,7 +154,8 @@ class AutoStrategy:
                                       "self_speculative_if_all_accepted": self.ceiling},
                 "decisions": self.decisions, "drafting_rounds": self.drafting_rounds,
                 "autoregressive_steps": self.autoregressive_steps,
-                "costs": {"batch": c.batch, "block_s": list(c.block), "head_s": list(c.head), "step_s": c.step}}
+                "costs": {"batch": c.batch, "block_s": list(c.block), "head_s": list(c.head), "step_s": c.step,
+                          "round_extra_s": list(c.round_extra), "round_extra_exit": c.exit_layer}}
 
 
 def decode_auto(runner: BlockRunner, seqs: Sequences, auto: AutoStrategy, sampling: SamplingConfig,

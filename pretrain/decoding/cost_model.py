@@ -8,10 +8,13 @@ eager blocks the decoder uses) gives the cost model that predicts the speedup on
 and lets the dynamic exit choose (E, γ) by time instead of by layer count. What a forward pass
 costs beyond its blocks and head (embedding, choosing the token, cache bookkeeping) is measured
 too: autoregressive decoding pays it per token, self-speculative decoding per draft or verify
-pass.
+pass. And so is what a draft-verify round costs besides its passes (accepting the drafts,
+committing, cropping every layer's cache): the parts alone under-predicted a batch-8 round on this
+CPU by 3-6%, enough for strategy auto to draft where drafting lost.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import weakref
@@ -20,13 +23,15 @@ from collections.abc import Callable
 import torch
 
 from pretrain.decoding.compiled import decoding_cache_type
+from pretrain.decoding.kv_cache import ExitQueryCache
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig
+from pretrain.decoding.self_speculative import speculative_round
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stats import DecodeStats
 from pretrain.decoding.stepwise import decode_stepwise, prefill
 from pretrain.device import synchronize
-from schedules.speedup import DecodeCosts
+from schedules.speedup import DecodeCosts, round_cost
 
 
 # the pass overhead is the slope of autoregressive decoding time over this many extra tokens
@@ -94,18 +99,65 @@ def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: in
     return DecodeCosts(block=tuple(block), head=tuple(head), step=step, batch=batch)
 
 
-# model -> {(batch, positions, cache type): costs}: measured once per model and batch size in a process
+@torch.no_grad()
+def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: int, context: int = 32,
+                        repeats: int = 5, warmup: int = 1, seed: int = 0) -> DecodeCosts:
+    """`costs` with round_extra measured at `exit_layer`: for γ = 1..max_positions-1, the median
+    time of one real greedy draft-verify round (speculative_round) of costs.batch rows after
+    `context` cached random tokens, less round_cost(γ) of its passes without it. Each timed round
+    starts from a fresh prefill (untimed), so the measurement needs context + γ + 1 positions."""
+    cfg, L = model.cfg, model.cfg.n_layers
+    longest = costs.max_positions - 1
+    context = min(context, cfg.max_seq_len - longest - 1)
+    if not 1 <= exit_layer < L or context < 1 or longest < 1:
+        raise ValueError(f"round costs need 1 <= exit_layer={exit_layer} < {L}, costs of 2+ positions "
+                         f"(have {costs.max_positions}) and room for a context (max_seq_len={cfg.max_seq_len})")
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(cfg.vocab_size, (costs.batch, context), generator=generator).tolist()
+    greedy, cache_type = SamplingConfig(), decoding_cache_type(model)
+    was_training = model.training
+    model.eval()
+    try:
+        extra = []
+        for gamma in range(1, longest + 1):
+            state = {}
+
+            def fresh(gamma=gamma, state=state):
+                seqs = Sequences(prompts, gamma + 1, None, spare=gamma + 1, device=device)
+                runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), DecodeStats())
+                prefill(runner, seqs, L, greedy, None)
+                queries = ExitQueryCache(seqs.batch, gamma + 1, cfg.dim, dtype=model.tok_embeddings.weight.dtype,
+                                         device=device)
+                state.update(seqs=seqs, runner=runner, queries=queries)
+
+            def one_round(gamma=gamma, state=state):
+                speculative_round(state["runner"], state["seqs"], state["queries"], exit_layer, gamma, greedy, None)
+
+            fresh()
+            seconds = _median_seconds(one_round, fresh, device, repeats, warmup)
+            extra.append(seconds - round_cost(gamma, exit_layer, L, costs))
+    finally:
+        model.train(was_training)
+    return dataclasses.replace(costs, round_extra=tuple(extra), exit_layer=exit_layer)
+
+
+# model -> {(batch, positions, cache type, exit): costs}: measured once per model and batch size in a process
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def decode_costs_at(model: torch.nn.Module, batch: int, max_positions: int, repeats: int = 5) -> DecodeCosts:
-    """The costs at this batch size, measured on first use and kept for the model's lifetime (a
-    compiled model is measured anew). Under tensor parallelism every rank takes rank 0's timings,
-    so that every rank makes the same choices (diverging ones would desynchronise the collectives)."""
-    key = (batch, max_positions, decoding_cache_type(model).__name__)
+def decode_costs_at(model: torch.nn.Module, batch: int, max_positions: int, exit_layer: int | None = None,
+                    repeats: int = 5) -> DecodeCosts:
+    """The costs at this batch size (with `exit_layer`, also a round's extra cost at that exit),
+    measured on first use and kept for the model's lifetime (a compiled model is measured anew).
+    Under tensor parallelism every rank takes rank 0's timings, so that every rank makes the same
+    choices (diverging ones would desynchronise the collectives)."""
+    key = (batch, max_positions, decoding_cache_type(model).__name__, exit_layer)
     known = _MEASURED.setdefault(model, {})
     if key not in known:
         costs = [measure_decode_costs(model, max_positions, repeats=repeats, warmup=1, batch=batch)]
+        if exit_layer is not None:
+            costs = [measure_round_extra(model, costs[0], exit_layer, repeats=repeats)]
         group = _tensor_parallel_group(model)
         if group is not None:
             import torch.distributed as dist

@@ -8,7 +8,7 @@
 "auto" (auto_strategy.py) drafts at exit E when the costs measured at this batch size and the
 acceptance it observes predict that drafting pays, and decodes autoregressively when not;
 stats.auto says what it chose and why. Its costs: `costs` if given, else measured on first use for
-this model and batch size (cost_model.decode_costs_at, about a second on a CPU) and kept.
+this model, batch size and exit (cost_model.decode_costs_at, a few seconds on a CPU) and kept.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
     auto, measuring_s = None, 0.0
     if opts.strategy == "auto":
         start = time.perf_counter()
-        costs = opts.costs or decode_costs_at(model, seqs.batch, opts.max_draft_len + 1)
+        costs = opts.costs or decode_costs_at(model, seqs.batch, opts.max_draft_len + 1, exit_layer)
         measuring_s = time.perf_counter() - start
         auto = AutoStrategy(L, exit_layer, costs, opts.max_draft_len, opts.min_speedup)
     cache_type = decoding_cache_type(model)

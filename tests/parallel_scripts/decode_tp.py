@@ -59,7 +59,8 @@ def main() -> None:
                 dist.all_gather_object(same, costs)
                 assert all(c == costs for c in same), same
                 options["costs"] = DecodeCosts(tuple(costs["block_s"]), tuple(costs["head_s"]), costs["step_s"],
-                                               costs["batch"])
+                                               costs["batch"], tuple(costs["round_extra_s"]),
+                                               costs["round_extra_exit"])
             expected, expected_stats = generate(single, PROMPTS, **options)
             if dist.get_rank() == 0:
                 report({"case": f"{name} tie={tie}", "identical": got == expected,
