@@ -31,6 +31,9 @@ class ParallelConfig:
     microbatches: int = 0          # pipeline micro-batches per step and data-parallel rank; 0 = per-rank
                                    # batch / train.micro_batch_size
     virtual_stages: int = 1        # pipeline stages held by each pp rank
+    fsdp_reduce_every_micro_batch: bool = True   # FSDP/HSDP without pipelining: reduce-scatter each
+                                   # micro-batch's gradients (sharded accumulation); false: once a step,
+                                   # accumulating unsharded float32 gradients (less traffic, far more memory)
 
 
 @dataclass

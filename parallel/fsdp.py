@@ -27,8 +27,18 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, reshard_after_forward: 
             module.set_force_sum_reduction_for_comms(True)
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn FSDP's gradient reduction off for all but the last micro-batch of a step (grads
-    accumulate unsharded locally, one reduce-scatter per step)."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+def set_gradient_sync(model: nn.Module, last_micro_batch: bool, reduce_every_micro_batch: bool) -> None:
+    """Gradient reduction for the micro-batch about to run backward.
+
+    reduce_every_micro_batch: every micro-batch's gradients are reduce-scattered and accumulate
+    sharded (1/dp_shard of the float32 gradients in memory); HSDP's all-reduce over the replicas
+    waits for the last. Otherwise the reduction waits for the last micro-batch and gradients
+    accumulate unsharded: one reduce-scatter a step, but the full model's float32 gradients on
+    every rank (25 GiB at 7B parameters), which defeats sharding."""
+    if not isinstance(model, FSDPModule):
+        return
+    if reduce_every_micro_batch:
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last_micro_batch)
+    else:
+        model.set_requires_gradient_sync(last_micro_batch)

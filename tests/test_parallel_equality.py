@@ -31,11 +31,12 @@ def test_two_processes_tp_pp_interleaved_fsdp_hsdp():
         "pp=2,pp_schedule=Interleaved1F1B,virtual_stages=2",           # 4 stages over 2 ranks
         "pp=2,pp_schedule=GPipe,tie=1,micro_batch=1,ac=1",             # head replicas tied to the embedding
         "dp_shard=2",                                                  # FSDP2, summed gradients
+        "dp_shard=2,fsdp_reduce_every_micro_batch=0",                  # one reduce-scatter a step
         "dp_replicate=2",                                              # HSDP with a replicate dim only
         # one sample per rank and p_max 0.9: ranks skip whole blocks the other rank runs
         "dp_shard=2,global_batch=2,micro_batch=1,p_max=0.9,steps=4",
     ])
-    check(results, 8)
+    check(results, 9)
 
 
 def test_four_processes_2d():
@@ -45,8 +46,9 @@ def test_four_processes_2d():
         "pp=2,tp=2,pp_schedule=1F1B,export=1",
         "pp=2,dp_shard=2,pp_schedule=Interleaved1F1B,virtual_stages=2,micro_batch=1",
         "dp_replicate=2,dp_shard=2",                                   # HSDP 2-D
+        "dp_replicate=2,dp_shard=2,micro_batch=1",                     # HSDP accumulating: all-reduce once
     ], timeout=300)
-    check(results, 5)
+    check(results, 6)
     exported = [r for r in results if "export_abs" in r]
     assert len(exported) == 1 and exported[0]["export_abs"] == 0.0  # HF export from PP2×TP2
 

@@ -77,6 +77,18 @@ def test_chunked_exit_loss_prediction_matches_a_real_run(tmp_path, monkeypatch):
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
 
+def test_fsdp_gradient_accumulation_stays_sharded_unless_asked(tmp_path):
+    """Two micro-batches a step under FSDP 2: reduce-scattering each (the default) keeps about half
+    of the float32 gradients; one reduction a step keeps all of them, unsharded, until the last."""
+    cfg, _ = compose_run_config(TINY)
+    param_bytes = sum(p.numel() * p.element_size() for p in LayerSkipTransformer(cfg.model).parameters())
+    fsdp = ["plan.world_size=2", "parallel.dp_shard=2", "plan.exit_cost=false", "train.global_batch_size=8"]
+    every = run_plan(tmp_path, *fsdp, name="every.json")["ranks"][0]
+    once = run_plan(tmp_path, *fsdp, "parallel.fsdp_reduce_every_micro_batch=false", name="once.json")["ranks"][0]
+    assert once["gradients"] >= param_bytes
+    assert every["gradients"] < 0.75 * param_bytes and every["peak"] < once["peak"]
+
+
 def test_tensor_parallel_prediction_matches_a_real_run(tmp_path):
     """TP 2 against a real torchrun run of the same step. DTensor's sharding propagation of the fused
     AdamW step (global-shape metadata tensors under the simulation's fake mode) once read as +34%."""

@@ -80,7 +80,7 @@ class Trainer:
                 part = self.model_parts[0]
                 micros = split_micro_batches(batch, cfg.train.micro_batch_size)
                 for i, micro in enumerate(micros):
-                    set_gradient_sync(part, i == len(micros) - 1)
+                    set_gradient_sync(part, i == len(micros) - 1, cfg.parallel.fsdp_reduce_every_micro_batch)
                     part(micro["tokens"], step=step, targets=micro["targets"],
                          sample_ids=micro["sample_ids"]).backward()
         finalize_gradients(self.model_parts, dims.pp_group)
