@@ -92,8 +92,25 @@ def test_resume_with_another_model_shape_or_batch_size_is_a_clear_error(data_dir
     with pytest.raises(ConfigError, match=r"train\.global_batch_size: the checkpoint was saved with "
                                           r"global_batch_size=8 but this run has global_batch_size=16"):
         train(run_config(data_dir, run_dir, "train.steps=4", "train.global_batch_size=16"))
+    with pytest.raises(ConfigError, match=r"train\.seed: the checkpoint was saved with seed=\d+ but this run has "
+                                          r"seed=1234; resuming would feed a different sample order"):
+        train(run_config(data_dir, run_dir, "train.steps=4", "train.seed=1234"))
     assert files_under(run_dir / "checkpoints") == before       # nothing skipped, marked or deleted
     assert sorted(train(run_config(data_dir, run_dir, "train.steps=4"))["losses"]) == [2, 3]
+
+
+def test_resume_with_another_data_mix_is_a_clear_error(data_dir, tmp_path):
+    def mix(a, b):
+        return f"data.sources=[{{dir: '{data_dir}', weight: {a}}}, {{dir: '{data_dir}', weight: {b}}}]"
+
+    run_dir = tmp_path / "run"
+    train(run_config(data_dir, run_dir, "train.steps=4", "train.stop_at_step=2", mix(0.7, 0.3)))
+    before = files_under(run_dir / "checkpoints")
+    with pytest.raises(ConfigError, match=r"data\.sources \(the mix\): the checkpoint was saved with sources=.*0\.7.*"
+                                          r"but this run has sources=.*0\.5"):
+        train(run_config(data_dir, run_dir, "train.steps=4", mix(0.5, 0.5)))
+    assert files_under(run_dir / "checkpoints") == before
+    assert sorted(train(run_config(data_dir, run_dir, "train.steps=4", mix(0.7, 0.3)))["losses"]) == [2, 3]
 
 
 @pytest.fixture(scope="module")
