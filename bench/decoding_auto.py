@@ -118,7 +118,8 @@ def batch_size_section(model, prompts, batch, args, eval_exit) -> tuple[list[str
               f"{duel_times[headline]:.3f} s): block "
               + ", ".join(f"{b * 1e3:.2f}" for b in costs["block_s"][:4]) + " ms on 1..4 positions, head "
               + ", ".join(f"{h * 1e3:.2f}" for h in costs["head_s"][:4])
-              + f" ms, rest of a pass {costs['step_s'] * 1e3:.2f} ms."]
+              + f" ms, rest of a pass {costs['step_s'] * 1e3:.2f} ms, a round's own work at E={costs['round_extra_exit']} "
+              + ", ".join(f"{r * 1e3:+.2f}" for r in costs["round_extra_s"][:4]) + " ms for γ = 1..4."]
     payload = {"batch": batch, "grid_seconds": grid_times, "grid_summaries": grid_summaries,
                "best_self_speculative": best_spec, "duel_seconds": duel_times, "duel_summaries": duel_summaries,
                "better_fixed": better, "auto_case": headline, "auto_over_better_fixed": ratio,
