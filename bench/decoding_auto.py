@@ -151,7 +151,7 @@ def main() -> None:
     ckpt = resolve_checkpoint(args.checkpoint)
     model, _ = load_model(ckpt, device=select_device(args.device))
     L = model.cfg.n_layers
-    eval_exit = best_from_eval(args.checkpoint).get("exit_layer")
+    eval_exit = best_from_eval(args.checkpoint, L).get("exit_layer")
     from omegaconf import OmegaConf
     val = PackedDataset(OmegaConf.load(ckpt / "config.yaml").data.dir, "val")
     prompts = [val[i][:args.prompt_len].tolist() for i in range(args.prompts)]

@@ -1,5 +1,7 @@
 """Decode cost model: the round cost formula matches the block and head calls the decoder makes,
 measured costs steer the dynamic exit without changing greedy output, and bad input is refused."""
+import dataclasses
+
 import pytest
 from builders import NEW, PROMPTS, make_model
 
@@ -77,8 +79,8 @@ def _burn_cpu(seconds: float) -> None:
 
 def test_round_extra_is_what_a_real_round_costs_besides_its_passes(model, monkeypatch):
     """A round's own work (here made 20 ms of CPU longer, at the cache crop every round ends with)
-    shows in round_extra at every draft length; without it the extra is far smaller; round_cost
-    counts it."""
+    shows in round_extra at every draft length, and not in a plain step's calibrated cost; without
+    it the extra is far smaller; round_cost counts it."""
     costs = measure_decode_costs(model, max_positions=4, context=8, repeats=3, warmup=1)
     plain = measure_round_extra(model, costs, exit_layer=2, context=8, repeats=3)
     assert plain.exit_layer == 2 and len(plain.round_extra) == 3 and plain.block == costs.block
@@ -93,7 +95,8 @@ def test_round_extra_is_what_a_real_round_costs_besides_its_passes(model, monkey
     for gamma, (before, after) in enumerate(zip(plain.round_extra, slow.round_extra), start=1):
         assert abs(before) < 0.01 and 0.015 < after - before < 0.03, (gamma, before, after)
         assert round_cost(gamma, 2, model.cfg.n_layers, slow) == pytest.approx(
-            round_cost(gamma, 2, model.cfg.n_layers, costs) + after)
+            round_cost(gamma, 2, model.cfg.n_layers, dataclasses.replace(slow, round_extra=())) + after)
+    assert abs(slow.step - plain.step) < 0.005      # plain steps crop nothing: their calibration is unchanged
     with pytest.raises(ValueError, match=f"exit_layer={model.cfg.n_layers} < {model.cfg.n_layers}"):
         measure_round_extra(model, costs, exit_layer=model.cfg.n_layers)
     with pytest.raises(ValueError, match="round_extra needs one cost per draft length 1..3"):

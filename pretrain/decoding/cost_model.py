@@ -29,7 +29,7 @@ from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.self_speculative import speculative_round
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stats import DecodeStats
-from pretrain.decoding.stepwise import decode_stepwise, prefill
+from pretrain.decoding.stepwise import decode_step, decode_stepwise, prefill
 from pretrain.device import synchronize
 from schedules.speedup import DecodeCosts, round_cost
 
@@ -101,14 +101,18 @@ def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: in
 
 @torch.no_grad()
 def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: int, context: int = 32,
-                        repeats: int = 5, warmup: int = 1, seed: int = 0) -> DecodeCosts:
-    """`costs` with round_extra measured at `exit_layer`: for γ = 1..max_positions-1, the median
-    time of one real greedy draft-verify round (speculative_round) of costs.batch rows after
-    `context` cached random tokens, less round_cost(γ) of its passes without it. Each timed round
-    starts from a fresh prefill (untimed), so the measurement needs context + γ + 1 positions."""
+                        repeats: int = 9, seed: int = 0) -> DecodeCosts:
+    """`costs` calibrated on the decoder's own steps at `exit_layer`, for costs.batch rows of greedy
+    decoding after `context` random tokens: a plain autoregressive step A and a draft-verify round
+    R(γ) (speculative_round) for γ = 1..max_positions-1, timed in turn, `repeats` times, each in
+    its own running decode (restarted untimed when it runs out of room), medians; R through the
+    least-squares line over γ (from 3 draft lengths on). The rest of a pass becomes
+    s = A - L b(1) - h(1) (at least 0), and round_extra(γ) = R(γ) - round_cost(γ) of the passes, so
+    that the model prices a step and every round as measured. Interleaving matters: on a shared
+    machine the speed drifts between separate measurements by more than drafting gains."""
     cfg, L = model.cfg, model.cfg.n_layers
     longest = costs.max_positions - 1
-    context = min(context, cfg.max_seq_len - longest - 1)
+    context = min(context, cfg.max_seq_len - 2 * (longest + 1) - 2)
     if not 1 <= exit_layer < L or context < 1 or longest < 1:
         raise ValueError(f"round costs need 1 <= exit_layer={exit_layer} < {L}, costs of 2+ positions "
                          f"(have {costs.max_positions}) and room for a context (max_seq_len={cfg.max_seq_len})")
@@ -116,30 +120,68 @@ def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: 
     generator = torch.Generator().manual_seed(seed)
     prompts = torch.randint(cfg.vocab_size, (costs.batch, context), generator=generator).tolist()
     greedy, cache_type = SamplingConfig(), decoding_cache_type(model)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
+    class Running:
+        """A decode that takes one step (gamma 0) or round (gamma > 0) at a time."""
+
+        def __init__(self, gamma: int):
+            self.gamma = gamma
+            self.restart()
+
+        def restart(self):
+            # room for every timed step or round and the untimed one (a cache of max_seq_len for
+            # each γ would not fit a large model's memory), fewer where max_seq_len says so
+            room = min((repeats + 1) * (self.gamma + 1) + 2, cfg.max_seq_len - context)
+            self.seqs = Sequences(prompts, room, None, spare=self.gamma + 1, device=device)
+            self.runner = BlockRunner(model, cache_type.for_model(model, costs.batch, self.seqs.capacity), DecodeStats())
+            self.queries = ExitQueryCache(costs.batch, self.gamma + 2, cfg.dim, dtype=model.tok_embeddings.weight.dtype,
+                                          device=device)
+            prefill(self.runner, self.seqs, L, greedy, None)
+            self.advance()   # untimed: the first step after a prefill pays for what the prefill left
+
+        def advance(self):
+            if self.gamma:
+                speculative_round(self.runner, self.seqs, self.queries, exit_layer, self.gamma, greedy, None)
+                if self.runner.stats.draft_lens[-1] != self.gamma:
+                    raise RuntimeError(f"the timed round drafted {self.runner.stats.draft_lens[-1]}, not γ={self.gamma}")
+            else:
+                decode_step(self.runner, self.seqs, L, greedy, None, track_lengths=True, states=(self.queries,))
+
+        def timed(self) -> float:
+            if self.seqs.most_remaining < self.gamma + 2:
+                self.restart()
+            synchronize(device)
+            start = clock()
+            self.advance()
+            synchronize(device)
+            return clock() - start
+
     was_training = model.training
     model.eval()
     try:
-        extra = []
-        for gamma in range(1, longest + 1):
-            state = {}
-
-            def fresh(gamma=gamma, state=state):
-                seqs = Sequences(prompts, gamma + 1, None, spare=gamma + 1, device=device)
-                runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), DecodeStats())
-                prefill(runner, seqs, L, greedy, None)
-                queries = ExitQueryCache(seqs.batch, gamma + 1, cfg.dim, dtype=model.tok_embeddings.weight.dtype,
-                                         device=device)
-                state.update(seqs=seqs, runner=runner, queries=queries)
-
-            def one_round(gamma=gamma, state=state):
-                speculative_round(state["runner"], state["seqs"], state["queries"], exit_layer, gamma, greedy, None)
-
-            fresh()
-            seconds = _median_seconds(one_round, fresh, device, repeats, warmup)
-            extra.append(seconds - round_cost(gamma, exit_layer, L, costs))
+        decodes = [Running(gamma) for gamma in range(longest + 1)]
+        times = [[d.timed() for d in decodes] for _ in range(repeats)]
     finally:
         model.train(was_training)
-    return dataclasses.replace(costs, round_extra=tuple(extra), exit_layer=exit_layer)
+    step, *rounds = (statistics.median(column) for column in zip(*times))
+    calibrated = dataclasses.replace(costs, step=max(step - L * costs.block_cost(1) - costs.head_cost(1), 0.0),
+                                     round_extra=(), exit_layer=exit_layer)
+    extra = tuple(r - round_cost(g, exit_layer, L, calibrated) for g, r in enumerate(_fitted_line(rounds), start=1))
+    return dataclasses.replace(calibrated, round_extra=extra)
+
+
+def _fitted_line(values: list[float]) -> list[float]:
+    """values[i] (i = 0..n-1) replaced by the least-squares line through them, when n >= 3: a
+    round's time grows by about one draft pass a draft, and the line through every γ's median is
+    steadier than each median (a single γ's was off by 15% on a loaded CPU)."""
+    n = len(values)
+    if n < 3:
+        return list(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    slope = (sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+             / sum((i - mean_x) ** 2 for i in range(n)))
+    return [mean_y + slope * (i - mean_x) for i in range(n)]
 
 
 # model -> {(batch, positions, cache type, exit): costs}: measured once per model and batch size in a process
