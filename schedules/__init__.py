@@ -5,5 +5,6 @@ from schedules.exit_loss import (CURRICULA, IMPORTANCE_KINDS, exit_importance, e
 from schedules.layer_dropout import (DEPTH_SCALES, TIME_SCALES, depth_scale, layer_dropout_rate,
                                      layer_dropout_rates, time_scale)
 from schedules.lr import learning_rate
-from schedules.speedup import (DecodeCosts, best_draft_config, expected_speedup, expected_speedup_with_costs,
-                               expected_tokens_per_layer, expected_tokens_per_round, round_cost)
+from schedules.speedup import (DecodeCosts, autoregressive_cost, best_draft_config, expected_speedup,
+                               expected_speedup_with_costs, expected_tokens_per_layer, expected_tokens_per_round,
+                               round_cost)

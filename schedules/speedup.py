@@ -137,9 +137,13 @@ def round_cost(draft_len: int, exit_layer: int, num_layers: int, costs: DecodeCo
         + costs.round_extra_cost(g)
 
 
+def autoregressive_cost(num_layers: int, costs: DecodeCosts) -> float:
+    """L b(1) + h(1) + s: one plain decoding step."""
+    return num_layers * costs.block_cost(1) + costs.head_cost(1) + costs.step
+
+
 def expected_speedup_with_costs(acceptance: float, draft_len: int, exit_layer: int, num_layers: int,
                                 costs: DecodeCosts) -> float:
     """Tokens per round · (L b(1) + h(1) + s) / round_cost: the speedup over autoregressive decoding."""
-    autoregressive = num_layers * costs.block_cost(1) + costs.head_cost(1) + costs.step
-    return (expected_tokens_per_round(acceptance, draft_len) * autoregressive
+    return (expected_tokens_per_round(acceptance, draft_len) * autoregressive_cost(num_layers, costs)
             / round_cost(draft_len, exit_layer, num_layers, costs))

@@ -59,6 +59,24 @@ def test_a_rounds_own_cost_can_decide_against_drafting():
     assert AutoStrategy(num_layers=6, exit_layer=5, costs=bookkept).never_drafts
 
 
+def test_the_decodes_own_timings_correct_the_prediction():
+    """Rounds that take three times what the costs predict, plain steps as predicted: drafting
+    predicted well above 1x runs below it, and auto stops drafting; untimed (tensor parallel), it
+    keeps drafting."""
+    from schedules.speedup import autoregressive_cost, round_cost
+
+    timed, untimed = (AutoStrategy(num_layers=6, exit_layer=2, costs=PAYS, timed=t) for t in (True, False))
+    for auto in (timed, untimed):
+        for _ in range(20):
+            auto.observe_time(1, 3 * round_cost(1, 2, 6, PAYS))
+            auto.observe_time(0, autoregressive_cost(6, PAYS))
+        auto.observe(15.0, 16, generated=20)                  # α ≈ 0.94: pays by the costs alone
+    assert untimed.time_correction == 1.0 and untimed.strategy == "self_speculative" and untimed.predicted > 1.3
+    assert timed.time_correction == pytest.approx(1 / 3)
+    assert timed.strategy == "autoregressive" and timed.predicted == pytest.approx(untimed.predicted / 3)
+    assert "corrected by x0.333" in timed.reason
+
+
 def test_never_drafts_when_costs_say_it_cannot_pay(model, expected):
     out, stats = generate(model, PROMPTS, exit_layer=2, max_new_tokens=NEW, costs=NEVER)
     assert out == expected

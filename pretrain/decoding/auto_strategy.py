@@ -3,9 +3,9 @@ autoregressively when it does not, and change its mind as acceptance evidence ar
 
 Prediction. With the costs of this batch's forwards measured on this machine (cost_model.py: a
 block and the head on 1..γ+1 positions of every row, the rest of a pass, and what a real round at
-exit E costs besides its passes) and the observed acceptance α at exit E, schedules.speedup gives the predicted speedup of drafting over
-autoregressive decoding, (1 + α + .. + α^γ) · (L b(1) + h(1) + s) / round_cost(γ), at the best γ
-in 1..max_draft_len. Autoregressive decoding is 1 by definition. Drafting is chosen when its
+exit E costs besides its passes) and the observed acceptance α at exit E, schedules.speedup gives
+the predicted speedup of drafting over autoregressive decoding,
+(1 + α + .. + α^γ) · (L b(1) + h(1) + s) / round_cost(γ), at the best γ in 1..max_draft_len. Autoregressive decoding is 1 by definition. Drafting is chosen when its
 prediction exceeds `min_speedup`.
 
 Evidence. α at E is the share of judged drafts that were accepted (the α of the formula: a draft
@@ -19,7 +19,14 @@ Decisions. First, the ceiling: if drafting cannot beat `min_speedup` even with e
 lose) until `min_evidence` drafts are judged; then it re-decides after every round, at one standard
 error above the estimated α (thin evidence leans to drafting, whose own rounds then correct it).
 While decoding autoregressively, every `recheck_every` steps it probes again with `probe_rounds`
-rounds of one draft, so that a text that gets easier is noticed. Switching needs nothing: between
+rounds of one draft, so that a text that gets easier is noticed.
+
+Timing. The costs are measured before decoding, on random tokens; the decode itself differs (rows
+drift apart and leave the batch one by one while drafting, all together while stepping). Each
+round and step is timed as it runs (cost_model.decode_clock), and the prediction is corrected by
+(observed / predicted time of plain steps) / (observed / predicted time of rounds), decayed over
+about the last 10 of each; a kind not yet seen counts as predicted. Under tensor parallelism the
+ranks' clocks differ and their choices must not: the correction is off there. Switching needs nothing: between
 rounds and steps every block's KV cache holds every committed token but the last, whichever
 strategy wrote it, so greedy output is the full model's either way.
 """
@@ -36,7 +43,9 @@ from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.self_speculative import speculative_round
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stepwise import decode_step
-from schedules.speedup import DecodeCosts, best_draft_config, expected_speedup_with_costs
+from pretrain.decoding.cost_model import decode_clock
+from schedules.speedup import (DecodeCosts, autoregressive_cost, best_draft_config, expected_speedup_with_costs,
+                               round_cost)
 
 AUTOREGRESSIVE, SELF_SPECULATIVE = "autoregressive", "self_speculative"
 
@@ -65,6 +74,11 @@ class AutoStrategy:
     probes_left: int = 0
     drafting_rounds: int = 0
     autoregressive_steps: int = 0
+    timed: bool = True                # correct the prediction by the decode's own timings
+    time_decay: float = 0.9           # weight of older timings, per round or step timed
+    # decayed sums of [observed, predicted] seconds, of rounds and of plain steps
+    round_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    step_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def __post_init__(self):
         if self.costs.max_positions < self.max_draft_len + 1:
@@ -110,6 +124,24 @@ class AutoStrategy:
         self.steps_since_probe, self.probes_left = 0, self.probe_rounds - 1
         return 1
 
+    def observe_time(self, draft_len: int, seconds: float) -> None:
+        """A round of `draft_len` drafts (0: a plain step) took `seconds`."""
+        if not self.timed:
+            return
+        if draft_len:
+            sums, predicted = self.round_seconds, round_cost(draft_len, self.exit_layer, self.num_layers, self.costs)
+        else:
+            sums, predicted = self.step_seconds, autoregressive_cost(self.num_layers, self.costs)
+        sums[0] = self.time_decay * sums[0] + seconds
+        sums[1] = self.time_decay * sums[1] + predicted
+
+    @property
+    def time_correction(self) -> float:
+        """(observed/predicted of plain steps) / (observed/predicted of rounds); 1 for an unseen kind."""
+        def ratio(sums):
+            return sums[0] / sums[1] if sums[1] else 1.0
+        return ratio(self.step_seconds) / ratio(self.round_seconds)
+
     def observe(self, score: float, positions: int, generated: int) -> None:
         """A round's evidence (`score` accepted of `positions` judged drafts), then a decision.
         `generated`: tokens committed so far (recorded with each change of strategy)."""
@@ -125,20 +157,22 @@ class AutoStrategy:
         # understate the acceptance of continuous drafting, and a wrong "draft" is corrected by
         # the next rounds' evidence, a wrong "autoregressive" only by the next probe
         upper = min(1.0, alpha + (alpha * (1 - alpha) / self.positions) ** 0.5)
-        _, gamma, self.predicted = self._best(alpha)      # γ for the estimate; the bound only decides
-        self.draft_len = gamma
-        speedup = expected_speedup_with_costs(upper, gamma, self.exit_layer, self.num_layers, self.costs)
+        _, gamma, predicted = self._best(alpha)           # γ for the estimate; the bound only decides
+        correction = self.time_correction
+        self.predicted, self.draft_len = predicted * correction, gamma
+        speedup = correction * expected_speedup_with_costs(upper, gamma, self.exit_layer, self.num_layers, self.costs)
         choice = SELF_SPECULATIVE if speedup > self.min_speedup else AUTOREGRESSIVE
         verdict = "pays" if choice == SELF_SPECULATIVE else "does not pay"
         self.reason = (f"at acceptance {alpha:.3f} (upper bound {upper:.3f}) drafting (E={self.exit_layer}, best "
                        f"γ={gamma}) is predicted {self.predicted:.3f}x ({speedup:.3f}x at the bound) autoregressive "
-                       f"from the costs measured at batch {self.costs.batch}: it {verdict}")
+                       f"from the costs measured at batch {self.costs.batch}, corrected by x{correction:.3f} for "
+                       f"this decode's timings: it {verdict}")
         if choice == SELF_SPECULATIVE:
             self.probes_left = 0
         if choice != self.strategy or not self.decisions:
             self.decisions.append({"after_tokens": generated, "strategy": choice, "acceptance": alpha,
                                    "draft_len": gamma, "predicted_speedup": self.predicted,
-                                   "predicted_speedup_at_upper_bound": speedup})
+                                   "predicted_speedup_at_upper_bound": speedup, "time_correction": correction})
         self.strategy = choice
 
     def report(self) -> dict:
@@ -152,7 +186,8 @@ class AutoStrategy:
                 "acceptance": self.acceptance, "positions_judged": self.seen,
                 "predicted_speedup": {AUTOREGRESSIVE: 1.0, SELF_SPECULATIVE: self.predicted,
                                       "self_speculative_if_all_accepted": self.ceiling},
-                "decisions": self.decisions, "drafting_rounds": self.drafting_rounds,
+                "decisions": self.decisions, "drafting_rounds": self.drafting_rounds, "timed": self.timed,
+                "time_correction": self.time_correction,
                 "autoregressive_steps": self.autoregressive_steps,
                 "costs": {"batch": c.batch, "block_s": list(c.block), "head_s": list(c.head), "step_s": c.step,
                           "round_extra_s": list(c.round_extra), "round_extra_exit": c.exit_layer}}
@@ -165,20 +200,24 @@ def decode_auto(runner: BlockRunner, seqs: Sequences, auto: AutoStrategy, sampli
     queries = ExitQueryCache(seqs.batch, auto.max_draft_len + 1, model.cfg.dim,
                              dtype=model.tok_embeddings.weight.dtype, device=seqs.tokens.device)
     first_layer = runner.cache.layers[0]
+    clock = decode_clock(seqs.tokens.device)   # each round and step ends with a host synchronisation
     while seqs.batch:
         if runner.cache.span(first_layer, 0) > seqs.max_length - 1:
             # the cache's host bound on the attended span still counts a longer row that has left
             # (plain steps only grow it): re-base it on the rows decoding (same KV, nothing moves)
             runner.crop_to_committed(seqs.length, seqs.max_length)
         gamma = auto.next_draft_len()
+        started = clock()
         if gamma:
             accepted, rejections = stats.accepted, stats.rejections
             speculative_round(runner, seqs, queries, auto.exit_layer, gamma, sampling, generator)
+            auto.observe_time(stats.draft_lens[-1], clock() - started)   # drafts a round really made
             auto.drafting_rounds += 1
             judged_accepted = stats.accepted - accepted
             auto.observe(judged_accepted, judged_accepted + stats.rejections - rejections, stats.generated)
         else:
             decode_step(runner, seqs, L, sampling, generator, track_lengths=True, states=(queries,))
+            auto.observe_time(0, clock() - started)
             auto.autoregressive_steps += 1
 
 

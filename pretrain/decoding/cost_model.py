@@ -120,7 +120,7 @@ def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: 
     generator = torch.Generator().manual_seed(seed)
     prompts = torch.randint(cfg.vocab_size, (costs.batch, context), generator=generator).tolist()
     greedy, cache_type = SamplingConfig(), decoding_cache_type(model)
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    clock = decode_clock(device)
 
     class Running:
         """A decode that takes one step (gamma 0) or round (gamma > 0) at a time."""
@@ -134,17 +134,19 @@ def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: 
             # each γ would not fit a large model's memory), fewer where max_seq_len says so
             room = min((repeats + 1) * (self.gamma + 1) + 2, cfg.max_seq_len - context)
             self.seqs = Sequences(prompts, room, None, spare=self.gamma + 1, device=device)
-            self.runner = BlockRunner(model, cache_type.for_model(model, costs.batch, self.seqs.capacity), DecodeStats())
-            self.queries = ExitQueryCache(costs.batch, self.gamma + 2, cfg.dim, dtype=model.tok_embeddings.weight.dtype,
-                                          device=device)
+            cache = cache_type.for_model(model, costs.batch, self.seqs.capacity)
+            self.runner = BlockRunner(model, cache, DecodeStats())
+            self.queries = ExitQueryCache(costs.batch, self.gamma + 2, cfg.dim,
+                                          dtype=model.tok_embeddings.weight.dtype, device=device)
             prefill(self.runner, self.seqs, L, greedy, None)
             self.advance()   # untimed: the first step after a prefill pays for what the prefill left
 
         def advance(self):
             if self.gamma:
                 speculative_round(self.runner, self.seqs, self.queries, exit_layer, self.gamma, greedy, None)
-                if self.runner.stats.draft_lens[-1] != self.gamma:
-                    raise RuntimeError(f"the timed round drafted {self.runner.stats.draft_lens[-1]}, not γ={self.gamma}")
+                drafted = self.runner.stats.draft_lens[-1]
+                if drafted != self.gamma:
+                    raise RuntimeError(f"the timed round drafted {drafted}, not γ={self.gamma}")
             else:
                 decode_step(self.runner, self.seqs, L, greedy, None, track_lengths=True, states=(self.queries,))
 
@@ -216,12 +218,21 @@ def _tensor_parallel_group(model: torch.nn.Module):
     return None if mesh is None else mesh.get_group()
 
 
+def decode_clock(device: torch.device) -> Callable[[], float]:
+    """The clock decode costs are measured by: this process's CPU time on the CPU (on a machine
+    shared with other work wall time mostly measures the others), wall time on an accelerator."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+def tensor_parallel(model: torch.nn.Module) -> bool:
+    return _tensor_parallel_group(model) is not None
+
+
 def _median_seconds(fn: Callable[[], object], reset: Callable[[], None], device: torch.device, repeats: int,
                     warmup: int) -> float:
-    """Median time of fn() after the device finished its queued work; reset() runs untimed after each.
-    On the CPU this process's CPU time: the ratios of the costs are what decide, and on a machine
-    shared with other work wall time mostly measures the others (an accelerator: wall time)."""
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    """Median time of fn() (decode_clock) after the device finished its queued work; reset() runs
+    untimed after each."""
+    clock = decode_clock(device)
     times = []
     for i in range(warmup + repeats):
         synchronize(device)

@@ -21,7 +21,7 @@ import torch
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.auto_strategy import AutoStrategy, decode_auto
 from pretrain.decoding.compiled import compile_blocks_for_decoding, decoding_cache_type
-from pretrain.decoding.cost_model import decode_costs_at
+from pretrain.decoding.cost_model import decode_costs_at, tensor_parallel
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig
@@ -144,7 +144,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
         start = time.perf_counter()
         costs = opts.costs or decode_costs_at(model, seqs.batch, opts.max_draft_len + 1, exit_layer)
         measuring_s = time.perf_counter() - start
-        auto = AutoStrategy(L, exit_layer, costs, opts.max_draft_len, opts.min_speedup)
+        auto = AutoStrategy(L, exit_layer, costs, opts.max_draft_len, opts.min_speedup,
+                            timed=not tensor_parallel(model))   # ranks' clocks differ, their choices may not
     cache_type = decoding_cache_type(model)
     stats = DecodeStats()
     runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), stats)
