@@ -83,7 +83,9 @@ class DecodeCosts:
     below hold for a batch with the costs of its forwards. `round_extra[γ-1]`, γ = 1..max_positions-1:
     what a draft-verify round with γ drafts costs beyond its passes (empty: nothing). Measured as a
     real round less its passes' costs at one exit (`exit_layer`), it may be negative where the parts
-    over-predict the whole; exact at that exit, an estimate at others."""
+    over-predict the whole; exact at that exit, an estimate at others. Costs calibrated so (see
+    pretrain/decoding/cost_model.py) may also have a negative `step`: L b(1) + h(1) + s is then the
+    plain step as measured, and every round is priced as measured too."""
     block: tuple[float, ...]
     head: tuple[float, ...]
     step: float = 0.0
@@ -95,7 +97,7 @@ class DecodeCosts:
         if not self.block or len(self.block) != len(self.head):
             raise ValueError(f"DecodeCosts needs block and head costs for the same positions 1..M, "
                              f"got {len(self.block)} and {len(self.head)}")
-        if min(self.block) <= 0 or min(self.head) < 0 or self.step < 0:
+        if min(self.block) <= 0 or min(self.head) < 0 or (self.step < 0 and not self.round_extra):
             raise ValueError(f"DecodeCosts must be positive: block={self.block}, head={self.head}, step={self.step}")
         if self.batch < 1:
             raise ValueError(f"DecodeCosts batch={self.batch} must be >= 1")

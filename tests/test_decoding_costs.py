@@ -128,3 +128,25 @@ def test_dynamic_exit_with_measured_costs_keeps_greedy_output_exact(model, expec
         generate(model, PROMPTS, strategy="self_speculative", max_new_tokens=4, costs=costs)
     with pytest.raises(ValueError, match="max_draft_len=8 need 9"):
         generate(model, PROMPTS, strategy="self_speculative", max_new_tokens=4, dynamic_exit=True, costs=costs)
+
+
+def test_calibrated_costs_price_the_step_and_the_rounds_as_measured(model, monkeypatch):
+    """Whatever the parts say, the calibrated model prices a plain step at the measured median and
+    every round at the line through the measured medians; the step's rest may be negative."""
+    import pretrain.decoding.cost_model as cost_model
+    from schedules.speedup import autoregressive_cost
+
+    measured = iter(range(1, 10_000))
+    monkeypatch.setattr(cost_model.time, "process_time", lambda: 0.0)   # every timing below is replaced
+
+    def fake_median(column):
+        return float(next(measured))
+
+    costs = DecodeCosts(block=(5.0, 5.0, 5.0, 5.0), head=(1.0, 1.0, 1.0, 1.0), step=0.5)
+    monkeypatch.setattr(cost_model.statistics, "median", fake_median)   # step 1, rounds 2, 3, 4
+    calibrated = measure_round_extra(model, costs, exit_layer=2, context=8, repeats=2)
+    L = model.cfg.n_layers
+    assert autoregressive_cost(L, calibrated) == pytest.approx(1.0) and calibrated.step < 0
+    assert [round_cost(g, 2, L, calibrated) for g in (1, 2, 3)] == pytest.approx([2.0, 3.0, 4.0])
+    with pytest.raises(ValueError, match="must be positive"):
+        DecodeCosts(block=costs.block, head=costs.head, step=-1.0)

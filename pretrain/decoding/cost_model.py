@@ -107,8 +107,8 @@ def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: 
     R(γ) (speculative_round) for γ = 1..max_positions-1, timed in turn, `repeats` times, each in
     its own running decode (restarted untimed when it runs out of room), medians; R through the
     least-squares line over γ (from 3 draft lengths on). The rest of a pass becomes
-    s = A - L b(1) - h(1) (at least 0), and round_extra(γ) = R(γ) - round_cost(γ) of the passes, so
-    that the model prices a step and every round as measured. Interleaving matters: on a shared
+    s = A - L b(1) - h(1) (negative if need be), and round_extra(γ) = R(γ) - round_cost(γ) of the
+    passes, so that the model prices a step and every round as measured. Interleaving matters: on a shared
     machine the speed drifts between separate measurements by more than drafting gains."""
     cfg, L = model.cfg, model.cfg.n_layers
     longest = costs.max_positions - 1
@@ -167,10 +167,13 @@ def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: 
     finally:
         model.train(was_training)
     step, *rounds = (statistics.median(column) for column in zip(*times))
-    calibrated = dataclasses.replace(costs, step=max(step - L * costs.block_cost(1) - costs.head_cost(1), 0.0),
-                                     round_extra=(), exit_layer=exit_layer)
-    extra = tuple(r - round_cost(g, exit_layer, L, calibrated) for g, r in enumerate(_fitted_line(rounds), start=1))
-    return dataclasses.replace(calibrated, round_extra=extra)
+    # s may come out negative (a block timed alone costs more than inside a step): kept, so that the
+    # plain step is priced as measured; a round's (γ + 1) passes each pay s, its extra makes up the rest
+    calibrated_step = step - L * costs.block_cost(1) - costs.head_cost(1)
+    shift = calibrated_step - costs.step
+    extra = tuple(r - round_cost(g, exit_layer, L, dataclasses.replace(costs, round_extra=())) - (g + 1) * shift
+                  for g, r in enumerate(_fitted_line(rounds), start=1))
+    return dataclasses.replace(costs, step=calibrated_step, round_extra=extra, exit_layer=exit_layer)
 
 
 def _fitted_line(values: list[float]) -> list[float]:
