@@ -25,8 +25,9 @@ Timing. The costs are measured before decoding, on random tokens; the decode its
 drift apart and leave the batch one by one while drafting, all together while stepping). Each
 round and step is timed as it runs (cost_model.decode_clock), and the prediction is corrected by
 (observed / predicted time of plain steps) / (observed / predicted time of rounds), decayed over
-about the last 10 of each; a kind not yet seen counts as predicted. Under tensor parallelism the
-ranks' clocks differ and their choices must not: the correction is off there. Switching needs nothing: between
+about the last 10 of each, once both kinds were timed: drafting starts with a plain step and
+takes one every `recheck_every` rounds. Under tensor parallelism the ranks' clocks differ and
+their choices must not: the correction is off there. Switching needs nothing: between
 rounds and steps every block's KV cache holds every committed token but the last, whichever
 strategy wrote it, so greedy output is the full model's either way.
 """
@@ -72,6 +73,8 @@ class AutoStrategy:
     decisions: list[dict] = field(default_factory=list)   # every change of strategy
     steps_since_probe: int = 0
     probes_left: int = 0
+    rounds_since_step: int = 0        # drafting: rounds since the first; a plain step every recheck_every
+    step_timed_since_round: bool = False
     drafting_rounds: int = 0
     autoregressive_steps: int = 0
     timed: bool = True                # correct the prediction by the decode's own timings
@@ -110,8 +113,15 @@ class AutoStrategy:
 
     def next_draft_len(self) -> int:
         """γ of the next round, or 0 for a plain autoregressive step (a probe round every
-        `recheck_every`-th step while autoregressive)."""
+        `recheck_every`-th step while autoregressive; timed, a plain step every `recheck_every`-th
+        round while drafting, the first one before the first round)."""
         if self.strategy == SELF_SPECULATIVE:
+            if self.timed and not self.never_drafts and self.rounds_since_step % self.recheck_every == 0 \
+                    and not self.step_timed_since_round:
+                self.step_timed_since_round = True
+                return 0
+            self.rounds_since_step += 1
+            self.step_timed_since_round = False
             return self.draft_len
         if self.never_drafts:
             return 0
@@ -137,10 +147,11 @@ class AutoStrategy:
 
     @property
     def time_correction(self) -> float:
-        """(observed/predicted of plain steps) / (observed/predicted of rounds); 1 for an unseen kind."""
-        def ratio(sums):
-            return sums[0] / sums[1] if sums[1] else 1.0
-        return ratio(self.step_seconds) / ratio(self.round_seconds)
+        """(observed/predicted of plain steps) / (observed/predicted of rounds), 1 until both kinds
+        were timed: what drifts both alike (the machine, its caches) cancels, what differs stays."""
+        if not (self.step_seconds[1] and self.round_seconds[1]):
+            return 1.0
+        return (self.step_seconds[0] / self.step_seconds[1]) / (self.round_seconds[0] / self.round_seconds[1])
 
     def observe(self, score: float, positions: int, generated: int) -> None:
         """A round's evidence (`score` accepted of `positions` judged drafts), then a decision.

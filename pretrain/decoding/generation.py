@@ -52,6 +52,8 @@ class DecodeOptions:
     probe_window: int = 2                # dynamic exit: candidates within E ± window
     costs: DecodeCosts | None = None     # dynamic exit / auto: choose by these costs (auto: measured if None)
     min_speedup: float = 1.0             # auto: draft only when the predicted speedup exceeds this
+    auto_timing: bool = True             # auto: correct the costs by this decode's own timings (never
+                                         # under tensor parallelism: the ranks' clocks differ)
     compile: str | None = None           # torch.compile the blocks in place: a mode of COMPILE_MODES
     compile_backend: str = "inductor"
 
@@ -145,7 +147,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
         costs = opts.costs or decode_costs_at(model, seqs.batch, opts.max_draft_len + 1, exit_layer)
         measuring_s = time.perf_counter() - start
         auto = AutoStrategy(L, exit_layer, costs, opts.max_draft_len, opts.min_speedup,
-                            timed=not tensor_parallel(model))   # ranks' clocks differ, their choices may not
+                            timed=opts.auto_timing and not tensor_parallel(model))
     cache_type = decoding_cache_type(model)
     stats = DecodeStats()
     runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), stats)

@@ -61,6 +61,8 @@ def main() -> None:
                 options["costs"] = DecodeCosts(tuple(costs["block_s"]), tuple(costs["head_s"]), costs["step_s"],
                                                costs["batch"], tuple(costs["round_extra_s"]),
                                                costs["round_extra_exit"])
+            if options.get("strategy") == "auto":
+                options["auto_timing"] = False   # as the sharded model decides: by the costs, untimed
             expected, expected_stats = generate(single, PROMPTS, **options)
             if dist.get_rank() == 0:
                 report({"case": f"{name} tie={tie}", "identical": got == expected,
