@@ -58,9 +58,9 @@ class AutoStrategy:
     costs: DecodeCosts                # measured at the batch size being decoded
     max_draft_len: int = 8            # γ searched in 1..max_draft_len
     min_speedup: float = 1.0          # draft only when predicted faster than this
-    min_evidence: int = 16            # judged drafts before the first decision
-    recheck_every: int = 16           # while autoregressive: probe rounds after this many steps
-    probe_rounds: int = 3             # consecutive rounds of one draft per probe
+    min_evidence: int = 8             # judged drafts before the first decision
+    recheck_every: int = 32           # while autoregressive: probe rounds after this many steps
+    probe_rounds: int = 2             # consecutive rounds of one draft per probe
     decay: float = 0.98               # weight of older evidence, per draft judged (memory ~50 drafts)
     score: float = 0.0                # decayed accepted drafts
     positions: float = 0.0            # decayed judged drafts
