@@ -60,17 +60,19 @@ def machine() -> str:
 
 def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
                         clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each case, the cases run round-robin so drift hits all alike.
+    """Median seconds per call of each case, the cases run round-robin so drift hits all alike,
+    each repeat starting one case further on (no case always runs first, after another's caches).
     `clock`: wall time by default; time.process_time (this process's CPU time) is steadier on a
     machine shared with other work, for single-threaded runs."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
+    names = list(cases)
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = clock()
-            fn()
+            cases[name]()
             times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
