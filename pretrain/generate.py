@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target-acceptance", type=float, default=0.8, help="what --adaptive-draft tunes toward")
     ap.add_argument("--dynamic-exit", action="store_true", help="choose E and γ online from per-exit acceptance")
     ap.add_argument("--max-draft-len", type=int, default=8, help="γ range searched by --dynamic-exit and auto")
-    ap.add_argument("--min-speedup", type=float, default=1.0,
+    ap.add_argument("--min-speedup", type=float, default=1.05,
                     help="auto: draft only when the predicted speedup over autoregressive exceeds this")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -57,7 +57,8 @@ class AutoStrategy:
     exit_layer: int
     costs: DecodeCosts                # measured at the batch size being decoded
     max_draft_len: int = 8            # γ searched in 1..max_draft_len
-    min_speedup: float = 1.0          # draft only when predicted faster than this
+    min_speedup: float = 1.05         # draft only when predicted faster than this (a margin: the
+                                      # predictions err by 5-10% on a noisy machine)
     min_evidence: int = 8             # judged drafts before the first decision
     recheck_every: int = 32           # while autoregressive: probe rounds after this many steps
     probe_rounds: int = 2             # consecutive rounds of one draft per probe

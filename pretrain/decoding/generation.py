@@ -51,7 +51,7 @@ class DecodeOptions:
     probe_every: int = 4                 # dynamic exit: rounds between reads of candidate exits
     probe_window: int = 2                # dynamic exit: candidates within E ± window
     costs: DecodeCosts | None = None     # dynamic exit / auto: choose by these costs (auto: measured if None)
-    min_speedup: float = 1.0             # auto: draft only when the predicted speedup exceeds this
+    min_speedup: float = 1.05            # auto: draft only when the predicted speedup exceeds this
     auto_timing: bool = True             # auto: correct the costs by this decode's own timings (never
                                          # under tensor parallelism: the ranks' clocks differ)
     compile: str | None = None           # torch.compile the blocks in place: a mode of COMPILE_MODES
