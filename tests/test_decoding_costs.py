@@ -6,7 +6,7 @@ import pytest
 from builders import NEW, PROMPTS, make_model
 
 from pretrain.decoding import generate
-from pretrain.decoding.cost_model import measure_decode_costs, measure_round_extra
+from pretrain.decoding.cost_model import measure_decode_costs, calibrate_on_decodes
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.runner import BlockRunner
 from schedules.speedup import DecodeCosts, expected_speedup_with_costs, round_cost
@@ -82,7 +82,7 @@ def test_round_extra_is_what_a_real_round_costs_besides_its_passes(model, monkey
     shows in round_extra at every draft length, and not in a plain step's calibrated cost; without
     it the extra is far smaller; round_cost counts it."""
     costs = measure_decode_costs(model, max_positions=4, context=8, repeats=3, warmup=1)
-    plain = measure_round_extra(model, costs, exit_layer=2, context=8, repeats=3)
+    plain = calibrate_on_decodes(model, costs, exit_layer=2, context=8, repeats=3)
     assert plain.exit_layer == 2 and len(plain.round_extra) == 3 and plain.block == costs.block
     crop = BlockRunner.crop_to_committed
 
@@ -91,14 +91,14 @@ def test_round_extra_is_what_a_real_round_costs_besides_its_passes(model, monkey
         return crop(self, *args, **kwargs)
 
     monkeypatch.setattr(BlockRunner, "crop_to_committed", slow_crop)
-    slow = measure_round_extra(model, costs, exit_layer=2, context=8, repeats=3)
+    slow = calibrate_on_decodes(model, costs, exit_layer=2, context=8, repeats=3)
     for gamma, (before, after) in enumerate(zip(plain.round_extra, slow.round_extra), start=1):
         assert abs(before) < 0.01 and 0.015 < after - before < 0.03, (gamma, before, after)
         assert round_cost(gamma, 2, model.cfg.n_layers, slow) == pytest.approx(
             round_cost(gamma, 2, model.cfg.n_layers, dataclasses.replace(slow, round_extra=())) + after)
     assert abs(slow.step - plain.step) < 0.005      # plain steps crop nothing: their calibration is unchanged
     with pytest.raises(ValueError, match=f"exit_layer={model.cfg.n_layers} < {model.cfg.n_layers}"):
-        measure_round_extra(model, costs, exit_layer=model.cfg.n_layers)
+        calibrate_on_decodes(model, costs, exit_layer=model.cfg.n_layers)
     with pytest.raises(ValueError, match="round_extra needs one cost per draft length 1..3"):
         DecodeCosts(block=costs.block, head=costs.head, round_extra=(0.0,))
 
@@ -137,14 +137,13 @@ def test_calibrated_costs_price_the_step_and_the_rounds_as_measured(model, monke
     from schedules.speedup import autoregressive_cost
 
     measured = iter(range(1, 10_000))
-    monkeypatch.setattr(cost_model.time, "process_time", lambda: 0.0)   # every timing below is replaced
 
     def fake_median(column):
         return float(next(measured))
 
     costs = DecodeCosts(block=(5.0, 5.0, 5.0, 5.0), head=(1.0, 1.0, 1.0, 1.0), step=0.5)
     monkeypatch.setattr(cost_model.statistics, "median", fake_median)   # step 1, rounds 2, 3, 4
-    calibrated = measure_round_extra(model, costs, exit_layer=2, context=8, repeats=2)
+    calibrated = calibrate_on_decodes(model, costs, exit_layer=2, context=8, repeats=2)
     L = model.cfg.n_layers
     assert autoregressive_cost(L, calibrated) == pytest.approx(1.0) and calibrated.step < 0
     assert [round_cost(g, 2, L, calibrated) for g in (1, 2, 3)] == pytest.approx([2.0, 3.0, 4.0])

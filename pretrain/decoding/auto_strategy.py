@@ -5,8 +5,9 @@ Prediction. With the costs of this batch's forwards measured on this machine (co
 block and the head on 1..γ+1 positions of every row, the rest of a pass, and what a real round at
 exit E costs besides its passes) and the observed acceptance α at exit E, schedules.speedup gives
 the predicted speedup of drafting over autoregressive decoding,
-(1 + α + .. + α^γ) · (L b(1) + h(1) + s) / round_cost(γ), at the best γ in 1..max_draft_len. Autoregressive decoding is 1 by definition. Drafting is chosen when its
-prediction exceeds `min_speedup`.
+(1 + α + .. + α^γ) · (L b(1) + h(1) + s) / round_cost(γ), at the best γ in 1..max_draft_len.
+Autoregressive decoding is 1 by definition. Drafting is chosen when its prediction exceeds
+`min_speedup`.
 
 Evidence. α at E is the share of judged drafts that were accepted (the α of the formula: a draft
 is judged when every draft before it in its round was accepted), decayed per draft judged (about
@@ -74,8 +75,8 @@ class AutoStrategy:
     decisions: list[dict] = field(default_factory=list)   # every change of strategy
     steps_since_probe: int = 0
     probes_left: int = 0
-    rounds_since_step: int = 0        # drafting: rounds since the first; a plain step every recheck_every
-    step_timed_since_round: bool = False
+    rounds_since_step: int = 0        # rounds drafted in drafting mode (a timed plain step before every
+    step_timed_since_round: bool = False   # recheck_every-th of them, the first included)
     drafting_rounds: int = 0
     autoregressive_steps: int = 0
     timed: bool = True                # correct the prediction by the decode's own timings

@@ -8,9 +8,10 @@ eager blocks the decoder uses) gives the cost model that predicts the speedup on
 and lets the dynamic exit choose (E, γ) by time instead of by layer count. What a forward pass
 costs beyond its blocks and head (embedding, choosing the token, cache bookkeeping) is measured
 too: autoregressive decoding pays it per token, self-speculative decoding per draft or verify
-pass. And so is what a draft-verify round costs besides its passes (accepting the drafts,
-committing, cropping every layer's cache): the parts alone under-predicted a batch-8 round on this
-CPU by 3-6%, enough for strategy auto to draft where drafting lost.
+pass. Strategy auto also calibrates these parts on the decoder's own steps and rounds at its exit
+(`calibrate_on_decodes`): what a round costs besides its passes (accepting the drafts, committing,
+cropping every layer's cache) is not in the parts, and without it auto drafted where drafting lost
+(bench/results/decoding_auto_late_exit.md before the calibration: predicted 1.00x, ran 0.83x).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def measure_decode_costs(model: torch.nn.Module, max_positions: int, context: in
 
 
 @torch.no_grad()
-def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: int, context: int = 32,
+def calibrate_on_decodes(model: torch.nn.Module, costs: DecodeCosts, exit_layer: int, context: int = 32,
                         repeats: int = 9, seed: int = 0) -> DecodeCosts:
     """`costs` calibrated on the decoder's own steps at `exit_layer`, for costs.batch rows of greedy
     decoding after `context` random tokens: a plain autoregressive step A and a draft-verify round
@@ -108,8 +109,8 @@ def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: 
     its own running decode (restarted untimed when it runs out of room), medians; R through the
     least-squares line over γ (from 3 draft lengths on). The rest of a pass becomes
     s = A - L b(1) - h(1) (negative if need be), and round_extra(γ) = R(γ) - round_cost(γ) of the
-    passes, so that the model prices a step and every round as measured. Interleaving matters: on a shared
-    machine the speed drifts between separate measurements by more than drafting gains."""
+    passes, so that the model prices a step and every round as measured. Interleaving matters: on
+    a shared machine the speed drifts between separate measurements by more than drafting gains."""
     cfg, L = model.cfg, model.cfg.n_layers
     longest = costs.max_positions - 1
     context = min(context, cfg.max_seq_len - 2 * (longest + 1) - 2)
@@ -179,7 +180,7 @@ def measure_round_extra(model: torch.nn.Module, costs: DecodeCosts, exit_layer: 
 def _fitted_line(values: list[float]) -> list[float]:
     """values[i] (i = 0..n-1) replaced by the least-squares line through them, when n >= 3: a
     round's time grows by about one draft pass a draft, and the line through every γ's median is
-    steadier than each median (a single γ's was off by 15% on a loaded CPU)."""
+    steadier than each median alone."""
     n = len(values)
     if n < 3:
         return list(values)
@@ -204,7 +205,7 @@ def decode_costs_at(model: torch.nn.Module, batch: int, max_positions: int, exit
     if key not in known:
         costs = [measure_decode_costs(model, max_positions, repeats=repeats, warmup=1, batch=batch)]
         if exit_layer is not None:
-            costs = [measure_round_extra(model, costs[0], exit_layer, repeats=repeats)]
+            costs = [calibrate_on_decodes(model, costs[0], exit_layer, repeats=repeats)]
         group = _tensor_parallel_group(model)
         if group is not None:
             import torch.distributed as dist
