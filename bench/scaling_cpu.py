@@ -18,7 +18,10 @@ import torch
 # world size -> layouts (ParallelConfig fields)
 LAYOUTS = {
     1: {"single": {}},
-    2: {"DP2": {"dp_shard": 2}, "TP2": {"tp": 2}, "PP2 1F1B": {"pp": 2}},
+    # DP2 reduce-scatters each of its 2 micro-batches (sharded accumulation, the default); "once a
+    # step" is parallel.fsdp_reduce_every_micro_batch=false, side by side for its cost
+    2: {"DP2": {"dp_shard": 2}, "DP2, one reduction a step": {"dp_shard": 2, "fsdp_reduce_every_micro_batch": False},
+        "TP2": {"tp": 2}, "PP2 1F1B": {"pp": 2}},
     4: {"DP4": {"dp_shard": 4}, "TP2xDP2": {"tp": 2, "dp_shard": 2}, "PP2xDP2": {"pp": 2, "dp_shard": 2}},
     8: {"PP2xDP2xTP2": {"pp": 2, "dp_shard": 2, "tp": 2}},
 }
