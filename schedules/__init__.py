@@ -7,4 +7,4 @@ from schedules.layer_dropout import (DEPTH_SCALES, TIME_SCALES, depth_scale, lay
 from schedules.lr import learning_rate
 from schedules.speedup import (DecodeCosts, autoregressive_cost, best_draft_config, expected_speedup,
                                expected_speedup_with_costs, expected_tokens_per_layer, expected_tokens_per_round,
-                               round_cost)
+                               expected_tokens_per_round_in_runs, round_cost, speedup_of_rounds)

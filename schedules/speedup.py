@@ -33,6 +33,26 @@ def expected_tokens_per_round(acceptance: float, draft_len: int) -> float:
     return float(sum(acceptance ** k for k in range(draft_len + 1)))
 
 
+def expected_tokens_per_round_in_runs(after_accepted: float, after_rejected: float, draft_len: int) -> float:
+    """Tokens per round when agreement comes in runs: a draft is accepted with probability p after an
+    accepted position and q after a rejected one (a two-state Markov chain; p = q = α is the
+    independent case). A round after a rejection starts with q; after γ accepted drafts and the
+    bonus token (whose own agreement nobody judged) with p² + (1 - p) q. In the steady state the
+    first draft is accepted with a₀ = q / (1 - p^γ (p - q)), and a round gives
+        1 + a₀ (1 + p + .. + p^(γ-1))
+    tokens (1 + α + .. + α^γ when p = q = α). At p = 1, q = 0 the chain never leaves its state:
+    the rounds are taken to start after a rejection (a₀ = 0)."""
+    for name, value in (("after_accepted", after_accepted), ("after_rejected", after_rejected)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value} must be in [0, 1]")
+    if draft_len < 1:
+        raise ValueError(f"draft_len={draft_len} must be >= 1")
+    p, q = after_accepted, after_rejected
+    stay = 1.0 - p ** draft_len * (p - q)
+    first = q / stay if stay > 0 else 0.0
+    return 1.0 + first * expected_tokens_per_round(p, draft_len - 1)
+
+
 def _check_exit(exit_layer: int, num_layers: int) -> None:
     if num_layers < 1:
         raise ValueError(f"num_layers={num_layers} must be >= 1")
@@ -147,5 +167,13 @@ def autoregressive_cost(num_layers: int, costs: DecodeCosts) -> float:
 def expected_speedup_with_costs(acceptance: float, draft_len: int, exit_layer: int, num_layers: int,
                                 costs: DecodeCosts) -> float:
     """Tokens per round · (L b(1) + h(1) + s) / round_cost: the speedup over autoregressive decoding."""
-    return (expected_tokens_per_round(acceptance, draft_len) * autoregressive_cost(num_layers, costs)
-            / round_cost(draft_len, exit_layer, num_layers, costs))
+    return speedup_of_rounds(expected_tokens_per_round(acceptance, draft_len), draft_len, exit_layer, num_layers,
+                             costs)
+
+
+def speedup_of_rounds(tokens_per_round: float, draft_len: int, exit_layer: int, num_layers: int,
+                      costs: DecodeCosts) -> float:
+    """tokens_per_round · (L b(1) + h(1) + s) / round_cost(γ): rounds of γ drafts that give
+    `tokens_per_round` tokens each, against plain steps."""
+    return tokens_per_round * autoregressive_cost(num_layers, costs) / round_cost(draft_len, exit_layer, num_layers,
+                                                                                  costs)

@@ -8,9 +8,12 @@ import torch
 from builders import NEW, PROMPTS, make_model, reference_greedy
 
 from pretrain.decoding import DecodeOptions, generate, generation
+from pretrain.decoding.agreement_chain import AgreementChain
 from pretrain.decoding.auto_strategy import AutoStrategy
+from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.self_speculative import speculative_round
-from schedules.speedup import DecodeCosts, expected_speedup_with_costs
+from schedules.speedup import (DecodeCosts, autoregressive_cost, expected_speedup_with_costs,
+                              expected_tokens_per_round_in_runs, round_cost)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,31 +23,107 @@ PAYS = DecodeCosts.layer_count(9)
 NEVER = DecodeCosts(block=(1.0,) + (10.0,) * 8, head=(0.0,) * 9)
 
 
-def test_controller_decides_from_costs_and_acceptance():
-    auto = AutoStrategy(num_layers=6, exit_layer=2, costs=PAYS, max_draft_len=8, min_evidence=16)
-    assert not auto.never_drafts and auto.strategy == "self_speculative"
-    assert [auto.next_draft_len() for _ in range(3)] == [0, 1, 1]    # a timed plain step, then probes: one draft a round
-    auto.observe(7.0, 8, generated=9)                                 # 8 judged drafts: not enough yet
-    assert auto.next_draft_len() == 1 and not auto.decisions
-    auto.observe(8.0, 8, generated=10)                                # α ≈ 0.94: drafting pays
-    alpha = auto.acceptance   # γ: the best at α rounded to 0.01 (a table), the speedup at α
-    _, gamma = max((expected_speedup_with_costs(round(alpha, 2), g, 2, 6, PAYS), -g) for g in range(1, 9))
-    assert auto.strategy == "self_speculative" and auto.next_draft_len() == -gamma > 1
-    assert auto.predicted == pytest.approx(expected_speedup_with_costs(alpha, -gamma, 2, 6, PAYS))
-    assert auto.predicted > 0.999 * max(expected_speedup_with_costs(alpha, g, 2, 6, PAYS) for g in range(1, 9))
-    for _ in range(30):                                               # acceptance collapses: plain steps
-        auto.observe(0.0, 8, generated=100)
-    assert auto.strategy == "autoregressive" and auto.predicted < 1 and auto.acceptance < 0.05
+def _play(chain, rows_bits):
+    """Read one plain step per entry of `rows_bits` (a bit per row) through read_step, on logits
+    made to agree (1) or not (0), and add what the synchronisation would read."""
+    for bits in rows_bits:
+        full = torch.zeros(len(bits), 5)
+        full[:, 0] = 1.0
+        exit_ = full.clone()
+        exit_[torch.tensor(bits) == 0] = torch.tensor([0.0, 1.0, 0, 0, 0])
+        chain.add([int(v) for v in chain.read_step(exit_, full, SamplingConfig())])
+
+
+def test_controller_reads_then_decides_from_costs_and_runs():
+    auto = AutoStrategy(num_layers=6, exit_layer=2, costs=PAYS, max_draft_len=8, min_evidence=16,
+                        chain=AgreementChain(decay=1.0))
+    auto.chain.start(1, "cpu")
+    assert not auto.never_drafts and auto.strategy == "autoregressive"
+    bits = [1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1]
+    for i, bit in enumerate(bits):                  # plain steps that read until 16 bits are judged
+        assert auto.next_move() == (0, True)
+        _play(auto.chain, [[bit]])
+        auto.observe(generated=i + 2)
+        assert (auto.decisions != []) == (i == 15)
+    # 13 bits after a 1, 11 of them 1; 2 after a 0, both 1; one pseudo-count at the pooled α each
+    alpha = 14 / 16
+    p, q = (11 + alpha) / 14, (2 + alpha) / 3
+    assert auto.chain.continuation() == pytest.approx((p, q))
+    best = max((expected_tokens_per_round_in_runs(p, q, g) * autoregressive_cost(6, PAYS) / round_cost(g, 2, 6, PAYS), g)
+               for g in range(1, 9))
+    assert auto.strategy == "self_speculative" and auto.predicted == pytest.approx(best[0]) and auto.draft_len == best[1]
+    assert auto.decisions[0]["after_tokens"] == 17 and "it pays" in auto.reason
+    # drafting: a timed plain step that reads, then rounds; another plain step before the 33rd round
+    moves = [auto.next_move() for _ in range(34)]
+    assert moves == [(0, True)] + [(best[1], False)] * 32 + [(0, True)]
+    _play(auto.chain, [[0]] * 30)                   # agreement collapses: plain steps
+    auto.observe(generated=100)
+    assert auto.strategy == "autoregressive" and auto.predicted < 1
     assert [d["strategy"] for d in auto.decisions] == ["self_speculative", "autoregressive"]
-    assert auto.decisions[0]["after_tokens"] == 10
-    # while autoregressive, after every recheck_every - 1 plain steps come probe_rounds rounds of one draft
-    cycle = [0] * (auto.recheck_every - 1) + [1] * auto.probe_rounds
-    assert [auto.next_draft_len() for _ in range(2 * len(cycle))] == cycle * 2
+    # while autoregressive: recheck_every unread steps, then read_window steps that read, again and again
+    cycle = [(0, False)] * auto.recheck_every + [(0, True)] * auto.read_window
+    assert [auto.next_move() for _ in range(2 * len(cycle))] == cycle * 2
 
     never = AutoStrategy(num_layers=6, exit_layer=2, costs=NEVER)
     assert never.never_drafts and never.ceiling < 1 and never.strategy == "autoregressive"
-    assert [never.next_draft_len() for _ in range(20)] == [0] * 20
+    assert [never.next_move() for _ in range(20)] == [(0, False)] * 20      # nor does it read
     assert "cannot pay" in never.report()["reason"]
+
+
+def _reference_counts(rows):
+    """[Σ bits, bits, from 1, 1 -> 1, from 0, 0 -> 1] over rows of bits (None: not judged)."""
+    sums = [0] * 6
+    for bits in rows:
+        for prev, bit in zip([None] + bits, bits):
+            if bit is None:
+                continue
+            sums[0] += bit
+            sums[1] += 1
+            if prev is not None:
+                sums[2 if prev else 4] += 1
+                sums[3 if prev else 5] += bit
+    return sums
+
+
+def test_agreement_chain_counts_rounds_and_steps_as_one_sequence():
+    """Two rows through plain steps (read or not) and rounds (accepted, judged, rejected), then the
+    first row leaves; the chain's sums equal those of each row's bit sequence, where a round's
+    drafts give their bits in order and the bonus position after γ accepted drafts, an unread step
+    and a round a row could not draft in give none."""
+    chain = AgreementChain(decay=1.0)
+    chain.start(2, "cpu")
+    rows = [[], []]
+    live = [0, 1]                   # the rows still in the batch, in batch order
+
+    def step(bits):
+        if bits is None:
+            chain.forget()
+        else:
+            _play(chain, [bits])
+        for i, r in enumerate(live):
+            rows[r].append(None if bits is None else bits[i])
+
+    def round_(accepted, judged):
+        acc, jud = torch.tensor(accepted), torch.tensor(judged)
+        chain.add([int(v) for v in chain.read_round(acc, jud, acc < jud)])
+        for r, a, j in zip(live, accepted, judged):
+            rows[r].extend([1] * a + ([0] if a < j else [None]))   # the rejection, or the bonus / no draft
+
+    step([1, 0])
+    round_([2, 0], [3, 1])          # row 0: 1 1 0; row 1: 0
+    round_([2, 1], [2, 2])          # row 0: 1 1 (bonus); row 1: 1 0
+    step([0, 1])
+    step(None)
+    round_([0, 3], [0, 3])          # row 0 could not draft; row 1: 1 1 1 (bonus)
+    step([1, 1])
+    assert chain.sums == pytest.approx(_reference_counts(rows))
+    chain.select_rows(torch.tensor([1]))   # row 0 leaves the batch
+    live = [1]
+    step([0])
+    round_([1], [2])
+    step([1])
+    assert chain.sums == pytest.approx(_reference_counts(rows))
+    assert chain.seen == sum(b is not None for r in rows for b in r) and chain.reads == 5
 
 
 def test_a_rounds_own_cost_can_decide_against_drafting():
@@ -63,14 +142,14 @@ def test_the_decodes_own_timings_correct_the_prediction():
     """Rounds that take three times what the costs predict, plain steps as predicted: drafting
     predicted well above 1x runs below it, and auto stops drafting; untimed (tensor parallel), it
     keeps drafting."""
-    from schedules.speedup import autoregressive_cost, round_cost
-
     timed, untimed = (AutoStrategy(num_layers=6, exit_layer=2, costs=PAYS, timed=t) for t in (True, False))
     for auto in (timed, untimed):
+        auto.chain.start(1, "cpu")
         for _ in range(20):
             auto.observe_time(1, 3 * round_cost(1, 2, 6, PAYS))
             auto.observe_time(0, autoregressive_cost(6, PAYS))
-        auto.observe(15.0, 16, generated=20)                  # α ≈ 0.94: pays by the costs alone
+        _play(auto.chain, [[1]] * 15 + [[0]])
+        auto.observe(generated=20)                            # α ≈ 0.94: pays by the costs alone
     assert untimed.time_correction == 1.0 and untimed.strategy == "self_speculative" and untimed.predicted > 1.3
     assert timed.time_correction == pytest.approx(1 / 3)
     assert timed.strategy == "autoregressive" and timed.predicted == pytest.approx(untimed.predicted / 3)
@@ -95,25 +174,48 @@ def test_drafts_when_it_pays_and_keeps_greedy_output():
     assert report["chosen"] == "self_speculative" and "it pays" in report["reason"]
     assert report["acceptance"] > 0.8 and report["predicted_speedup"]["self_speculative"] > 1
     assert stats.drafted > 0 and report["drafting_rounds"] > 0
+    reading = -(-8 // len(PROMPTS))                          # plain steps that read until 8 bits are judged
     timing_steps = -(-report["drafting_rounds"] // 32)       # one plain step before every 32 rounds, timed
-    assert timing_steps <= report["autoregressive_steps"] <= timing_steps + 1
+    assert reading + timing_steps <= report["autoregressive_steps"] <= reading + timing_steps + 1
+    assert report["agreement_reads"] == report["autoregressive_steps"]
     assert report["decisions"][0]["strategy"] == "self_speculative"
+    assert report["decisions"][0]["after_tokens"] == len(PROMPTS) * (1 + reading)
+
+
+def test_plain_steps_read_the_exits_agreement_with_the_full_model(model, expected, monkeypatch):
+    """Reading on every plain step, the chain's sums are the agreement of exit 2 with the full model
+    at every decoded position, and its runs, computed independently from whole forwards."""
+    chain = AgreementChain(decay=1.0)
+    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, min_evidence=10 ** 9,
+                                                                       chain=chain))
+    out, stats = generate(model, PROMPTS, exit_layer=2, max_new_tokens=NEW, costs=PAYS)
+    assert out == expected and stats.drafted == 0
+    rows = []
+    with torch.no_grad():
+        for prompt, new in zip(PROMPTS, out):
+            ids = torch.tensor([prompt + new])
+            agree = model.logits(ids, exit_layer=2)[0].argmax(-1) == model.logits(ids)[0].argmax(-1)
+            # the first new token comes from the prefill; each step decodes one more position
+            rows.append(agree[len(prompt):len(prompt) + len(new) - 1].long().tolist())
+    assert chain.sums == pytest.approx(_reference_counts(rows))
+    assert 0 < chain.sums[0] < chain.sums[1]            # both agreement and disagreement happen
+    assert stats.auto[0]["agreement_reads"] == NEW - 1 == stats.auto[0]["autoregressive_steps"]
 
 
 @pytest.mark.parametrize("eos_row", [None, 1])
 def test_switching_every_round_gives_the_autoregressive_text(model, expected, monkeypatch, eos_row):
-    """Ragged prompts, rows ending at EOS: flip between drafting (γ cycling 1..3) and plain steps
-    after every round and step; the text is the full model's greedy text."""
+    """Ragged prompts, rows ending at EOS: two rounds (γ cycling 1..3), then plain steps until one
+    reads, again and again; the text is the full model's greedy text."""
     flips = []
 
-    def flip(self, score, positions, generated):
-        self.strategy = "autoregressive" if self.strategy == "self_speculative" else "self_speculative"
+    def flip(self, generated):
+        self.strategy = "autoregressive" if len(flips) % 3 == 2 else "self_speculative"
         self.draft_len = 1 + len(flips) % 3
         flips.append(self.strategy)
 
     monkeypatch.setattr(AutoStrategy, "observe", flip)
-    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=2,
-                                                                       probe_rounds=1))
+    monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=1,
+                                                                       read_window=1))
     eos = None if eos_row is None else expected[eos_row][4]
     out, stats = generate(model, PROMPTS, exit_layer=3, max_new_tokens=NEW, costs=PAYS, eos_id=eos,
                           auto_timing=False)                     # untimed: the flips alone decide
@@ -170,8 +272,8 @@ def test_rows_far_apart_then_plain_steps(monkeypatch):
     prompts, new = [list(range(1, 41)), [1]], 40
     left = []   # rows in the batch after each round
 
-    def spec_then_steps(self, score, positions, generated):   # plain steps once the long row has left
-        self.strategy, self.draft_len = ("autoregressive", 8) if left[-1] == 1 else ("self_speculative", 8)
+    def spec_then_steps(self, generated):   # plain steps once the long row has left
+        self.strategy, self.draft_len = ("autoregressive", 8) if left and left[-1] == 1 else ("self_speculative", 8)
 
     def uneven_round(runner, seqs, *args, **kwargs):
         gammas = torch.tensor([8, 0][2 - seqs.batch:])     # the short row drafts nothing
@@ -180,7 +282,7 @@ def test_rows_far_apart_then_plain_steps(monkeypatch):
         return evidence
 
     monkeypatch.setattr(AutoStrategy, "observe", spec_then_steps)
-    # plain steps only at the end (a probe round would re-base the bound itself)
+    # plain steps only at the end (no reading window, whose decision would come back to drafting)
     monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, recheck_every=1000))
     monkeypatch.setattr(auto_module, "speculative_round", uneven_round)
     out, stats = generate(strong_exit, prompts, exit_layer=2, max_new_tokens=new, costs=PAYS)

@@ -82,7 +82,8 @@ def test_auto_is_the_default_and_says_what_it_chose_and_why(capsys, fake_checkpo
     for decision in report["auto"]:
         assert decision["exit_layer"] == 2 and decision["predicted_speedup"]["autoregressive"] == 1.0
         assert decision["positions_judged"] > 0 and 0 <= decision["acceptance"] <= 1
-        assert len(decision["costs"]["block_s"]) == 9 and decision["costs"]["step_s"] >= 0
+        costs = decision["costs"]   # the rest of a pass may be negative (calibrated); a plain step may not
+        assert len(costs["block_s"]) == 9 and 6 * costs["block_s"][0] + costs["head_s"][0] + costs["step_s"] > 0
         assert decision["drafting_rounds"] + decision["autoregressive_steps"] > 0
 
 

@@ -95,7 +95,7 @@ def test_round_extra_is_what_a_real_round_costs_besides_its_passes(model, monkey
     for gamma, (before, after) in enumerate(zip(plain.round_extra, slow.round_extra), start=1):
         assert abs(before) < 0.01 and 0.015 < after - before < 0.03, (gamma, before, after)
         assert round_cost(gamma, 2, model.cfg.n_layers, slow) == pytest.approx(
-            round_cost(gamma, 2, model.cfg.n_layers, dataclasses.replace(slow, round_extra=())) + after)
+            round_cost(gamma, 2, model.cfg.n_layers, dataclasses.replace(slow, round_extra=(0.0,) * 3)) + after)
     assert abs(slow.step - plain.step) < 0.005      # plain steps crop nothing: their calibration is unchanged
     with pytest.raises(ValueError, match=f"exit_layer={model.cfg.n_layers} < {model.cfg.n_layers}"):
         calibrate_on_decodes(model, costs, exit_layer=model.cfg.n_layers)

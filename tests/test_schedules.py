@@ -6,7 +6,8 @@ import torch
 
 from schedules import (CURRICULA, DEPTH_SCALES, IMPORTANCE_KINDS, TIME_SCALES, DecodeCosts, best_draft_config,
                        counter_uniform, expected_speedup_with_costs, round_cost, depth_scale, exit_importance, exit_loss_weights, exits_on,
-                       expected_speedup, expected_tokens_per_layer, keep_masks, layer_dropout_rate,
+                       expected_speedup, expected_tokens_per_layer, expected_tokens_per_round,
+                       expected_tokens_per_round_in_runs, keep_masks, layer_dropout_rate,
                        layer_dropout_rates, layer_keep_mask, learning_rate, time_scale)
 
 # ---------------------------------------------------------------- layer dropout
@@ -271,6 +272,41 @@ def test_speedup_validation():
         best_draft_config({8: 0.9}, 8)
     with pytest.raises(ValueError, match="max_draft_len=0"):
         best_draft_config({2: 0.9}, 8, max_draft_len=0)
+
+
+def _simulated_tokens_per_round(after_accepted, after_rejected, gamma, n=200_000, seed=0):
+    """Greedy rounds walked over a sampled agreement sequence: a round judges bits from its start
+    until a 0 or γ ones, commits the judged bits (the correction included) or γ + 1 (the bonus)."""
+    import random
+    rng = random.Random(seed)
+    bits, prev = [], 1
+    for _ in range(n):
+        prev = int(rng.random() < (after_accepted if prev else after_rejected))
+        bits.append(prev)
+    t = rounds = 0
+    while t < n - gamma - 1:
+        k = 0
+        while k < gamma and bits[t + k]:
+            k += 1
+        t += k + 1 if k < gamma else gamma + 1
+        rounds += 1
+    return t / rounds
+
+
+@pytest.mark.parametrize("p,q,gamma", [(0.9, 0.3, 1), (0.9, 0.3, 4), (0.6, 0.6, 3), (0.95, 0.05, 6), (0.3, 0.8, 2)])
+def test_tokens_per_round_in_runs_matches_simulated_rounds(p, q, gamma):
+    assert expected_tokens_per_round_in_runs(p, q, gamma) == pytest.approx(
+        _simulated_tokens_per_round(p, q, gamma), rel=0.01)
+
+
+def test_tokens_per_round_in_runs_edges():
+    for alpha in (0.0, 0.4, 0.9, 1.0):            # independent positions: the geometric sum
+        assert expected_tokens_per_round_in_runs(alpha, alpha, 3) == pytest.approx(expected_tokens_per_round(alpha, 3))
+    assert expected_tokens_per_round_in_runs(1.0, 0.0, 3) == 1.0     # stuck after a rejection
+    with pytest.raises(ValueError, match="after_rejected=1.5"):
+        expected_tokens_per_round_in_runs(0.5, 1.5, 2)
+    with pytest.raises(ValueError, match="draft_len=0"):
+        expected_tokens_per_round_in_runs(0.5, 0.5, 0)
 
 # ---------------------------------------------------------------- counter RNG
 

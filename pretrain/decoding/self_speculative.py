@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
+from pretrain.decoding.agreement_chain import AgreementChain
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.kv_cache import ExitQueryCache
 from pretrain.decoding.runner import BlockRunner
@@ -39,11 +40,13 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCa
                       draft_len: int, sampling: SamplingConfig, generator: torch.Generator | None,
                       adaptive: AdaptiveDraftLength | None = None, probes: list[int] = (),
                       score_exits: bool = False, row_draft_lens: torch.Tensor | None = None,
-                      dynamic: DynamicExit | None = None) -> dict[int, tuple[float, int]]:
+                      dynamic: DynamicExit | None = None, agreement: AgreementChain | None = None
+                      ) -> dict[int, tuple[float, int]]:
     """One draft/verify round for every row of the batch (all unfinished: finished rows left).
     `draft_len`: γ, or with `row_draft_lens` [B] (per-row γ_b) their maximum. With `score_exits`,
     returns {exit: (score, positions)}, the per-exit acceptance evidence (see dynamic_exit.py) for
-    the exit used and the probed exits; otherwise {}. Ends with the finished rows dropped from the
+    the exit used and the probed exits; otherwise {}. `agreement` (strategy auto) gets the round's
+    judged drafts of every row. Ends with the finished rows dropped from the
     batch, the caches and the controllers."""
     L, E = runner.num_layers, exit_layer
     device = seqs.tokens.device
@@ -117,8 +120,11 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCa
     judged = n_accepted + rejected.long()
     taken = seqs.commit(new, n_accepted + 1)
     rows = seqs.batch
-    committed, drafted, accepted, rejections = seqs.settle(taken.sum(), limit.sum(), n_accepted.sum(),
-                                                           rejected.sum())
+    reads = [] if agreement is None else agreement.read_round(n_accepted, judged, rejected)
+    committed, drafted, accepted, rejections, *counts = seqs.settle(taken.sum(), limit.sum(), n_accepted.sum(),
+                                                                    rejected.sum(), *reads)
+    if agreement is not None:
+        agreement.add(counts)
     stats = runner.stats
     stats.generated += committed
     runner.crop_to_committed(seqs.length, seqs.max_length)
@@ -146,7 +152,7 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCa
         for e, states in hidden.items():  # probed exits: the shared head on the captured states
             if rows:
                 evidence[e] = acceptance_score(runner.head(states[valid]), logits[valid], sampling)
-    drop_finished_rows(seqs, runner.cache, queries, adaptive, dynamic)
+    drop_finished_rows(seqs, runner.cache, queries, adaptive, dynamic, agreement)
     return evidence
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pretrain.decoding.agreement_chain import AgreementChain
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig, choose
 from pretrain.decoding.sequences import Sequences, drop_finished_rows
@@ -38,14 +39,22 @@ def decode_stepwise(runner: BlockRunner, seqs: Sequences, stop: int, sampling: S
 
 
 def decode_step(runner: BlockRunner, seqs: Sequences, stop: int, sampling: SamplingConfig,
-                generator: torch.Generator | None, track_lengths: bool = False, states: tuple = ()) -> None:
+                generator: torch.Generator | None, track_lengths: bool = False, states: tuple = (),
+                agreement: AgreementChain | None = None, exit_layer: int = 0) -> None:
     """One token for every row through blocks [0, stop). `track_lengths`: the synchronisation also
     reads the longest row and the most tokens a row may still take, so that a speculative round
-    next (strategy auto) drafts no further than that. Finished rows leave the batch and `states`
-    (e.g. the exit-query cache)."""
-    h, _ = runner.blocks(runner.embed(seqs.last_tokens()[:, None]), 0, stop)
-    token, _ = choose(runner.head(h)[:, 0], sampling, generator)
+    next (strategy auto) drafts no further than that. With `agreement`, the step also reads whether
+    exit `exit_layer` agrees with the full model at this position (one more head evaluation).
+    Finished rows leave the batch and `states` (e.g. the exit-query cache, the agreement chain)."""
+    exits = (exit_layer,) if agreement is not None else ()
+    h, captured = runner.blocks(runner.embed(seqs.last_tokens()[:, None]), 0, stop, exits)
+    logits = runner.head(h)[:, 0]
+    token, _ = choose(logits, sampling, generator)
+    reads = [] if agreement is None else agreement.read_step(runner.head(captured[exit_layer])[:, 0], logits, sampling)
     runner.stats.rounds += seqs.batch
-    committed, = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum(), lengths=track_lengths)
+    committed, *counts = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum(), *reads,
+                                     lengths=track_lengths)
     runner.stats.generated += committed
+    if agreement is not None:
+        agreement.add(counts)
     drop_finished_rows(seqs, runner.cache, *states)
