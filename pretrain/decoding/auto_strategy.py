@@ -19,7 +19,9 @@ noticed. Decisions follow every round and every step that read.
 
 Decisions. First, the ceiling: if drafting cannot beat `min_speedup` even with every draft accepted,
 the decoder never drafts and never reads. Otherwise it decodes autoregressively, reading, until
-`min_evidence` bits are judged, and re-decides after each round or reading step.
+`min_evidence` bits are judged, and re-decides after each round or reading step, with p and q one
+standard error of the agreement below their estimates: 8 bits say little, and a user should not
+pay for drafting on thin evidence (once drafting, its rounds bring evidence fast).
 
 Timing. The costs are measured before decoding, on random tokens; the decode itself differs (rows
 drift apart and leave the batch one by one while drafting, all together while stepping). Each
@@ -67,7 +69,7 @@ class AutoStrategy:
     draft_len: int = 1
     predicted: float | None = None    # predicted speedup of drafting at the last decision
     ceiling: float = field(init=False)
-    reason: str = field(init=False)
+    verdict: dict | None = None       # the numbers of the last decision, for `reason`
     decisions: list[dict] = field(default_factory=list)   # every change of strategy
     steps_unread: int = 0             # plain steps since the last reading window
     reads_left: int = 0               # steps still to read in this window
@@ -89,16 +91,28 @@ class AutoStrategy:
         self._step_cost = autoregressive_cost(L, self.costs)
         self._round_costs = [round_cost(g, E, L, self.costs) for g in range(1, self.max_draft_len + 1)]
         self.ceiling = max(speedup_of_rounds(g + 1, g, E, L, self.costs) for g in range(1, self.max_draft_len + 1))
-        if self.never_drafts:
-            self.reason = (f"drafting cannot pay at this batch size: even with every draft accepted the measured "
-                           f"costs predict {self.ceiling:.3f}x <= {self.min_speedup}")
-        else:
-            self.reason = f"reading the exit's agreement on plain steps until {self.min_evidence} bits are judged"
 
     def _best(self, after_accepted: float, after_rejected: float) -> tuple[int, float]:
         """(γ, predicted speedup) of the best γ for the chain's p and q, by the measured costs."""
         return max(((g, expected_tokens_per_round_in_runs(after_accepted, after_rejected, g) * self._step_cost
                      / self._round_costs[g - 1]) for g in range(1, self.max_draft_len + 1)), key=lambda x: x[1])
+
+    @property
+    def reason(self) -> str:
+        """Why the strategy is what it is (formatted when asked: decisions come every round)."""
+        if self.never_drafts:
+            return (f"drafting cannot pay at this batch size: even with every draft accepted the measured costs "
+                    f"predict {self.ceiling:.3f}x <= {self.min_speedup}")
+        if self.verdict is None:
+            return (f"reading the exit's agreement on plain steps: {self.chain.seen} of the {self.min_evidence} "
+                    f"judged bits a decision needs")
+        v = self.verdict
+        return (f"at acceptance {v['acceptance']:.3f} ({v['after_accepted']:.3f} after an accepted position, "
+                f"{v['after_rejected']:.3f} after a rejected one) drafting (E={self.exit_layer}, best γ="
+                f"{v['draft_len']}) is predicted {v['predicted_speedup']:.3f}x autoregressive "
+                f"({v['predicted_speedup_cautious']:.3f}x one standard error lower) from the costs measured at "
+                f"batch {self.costs.batch}, corrected by x{v['time_correction']:.3f} for this decode's timings: "
+                f"it {'pays' if v['strategy'] == SELF_SPECULATIVE else 'does not pay'}")
 
     @property
     def never_drafts(self) -> bool:
@@ -153,24 +167,24 @@ class AutoStrategy:
 
     def observe(self, generated: int) -> None:
         """Decide from the chain's evidence so far; `generated`: tokens committed so far (recorded
-        with each change of strategy)."""
+        with each change of strategy). The choice is made one standard error of the agreement below
+        the estimate, sqrt(α(1 - α)/n) off p and q (n: the decayed bits): a user should not pay for
+        drafting on thin evidence, and drafting, once chosen, soon brings more."""
         if self.never_drafts or self.chain.seen < self.min_evidence:
             return
         alpha = self.chain.acceptance
         p, q = self.chain.continuation()
+        error = (alpha * (1 - alpha) / self.chain.sums[1]) ** 0.5
         gamma, predicted = self._best(p, q)
+        _, cautious = self._best(max(0.0, p - error), max(0.0, q - error))
         correction = self.time_correction
         self.predicted, self.draft_len = predicted * correction, gamma
-        choice = SELF_SPECULATIVE if self.predicted > self.min_speedup else AUTOREGRESSIVE
-        verdict = "pays" if choice == SELF_SPECULATIVE else "does not pay"
-        self.reason = (f"at acceptance {alpha:.3f} ({p:.3f} after an accepted position, {q:.3f} after a rejected "
-                       f"one) drafting (E={self.exit_layer}, best γ={gamma}) is predicted {self.predicted:.3f}x "
-                       f"autoregressive from the costs measured at batch {self.costs.batch}, corrected by "
-                       f"x{correction:.3f} for this decode's timings: it {verdict}")
+        choice = SELF_SPECULATIVE if cautious * correction > self.min_speedup else AUTOREGRESSIVE
+        self.verdict = {"after_tokens": generated, "strategy": choice, "acceptance": alpha, "after_accepted": p,
+                        "after_rejected": q, "draft_len": gamma, "predicted_speedup": self.predicted,
+                        "predicted_speedup_cautious": cautious * correction, "time_correction": correction}
         if choice != self.strategy or not self.decisions:
-            self.decisions.append({"after_tokens": generated, "strategy": choice, "acceptance": alpha,
-                                   "after_accepted": p, "after_rejected": q, "draft_len": gamma,
-                                   "predicted_speedup": self.predicted, "time_correction": correction})
+            self.decisions.append(self.verdict)
         if choice == AUTOREGRESSIVE and self.strategy == SELF_SPECULATIVE:
             self.steps_unread = self.reads_left = 0
         self.strategy = choice
@@ -178,9 +192,6 @@ class AutoStrategy:
     def report(self) -> dict:
         """What it chose and why, for the JSON line."""
         c = self.costs
-        if not self.never_drafts and self.chain.seen < self.min_evidence:
-            self.reason = (f"still reading: the text ended after {self.chain.seen} of the {self.min_evidence} "
-                           f"judged bits a decision needs")
         p, q = self.chain.continuation() if self.chain.seen else (None, None)
         return {"chosen": self.strategy, "reason": self.reason, "exit_layer": self.exit_layer,
                 "draft_len": self.draft_len if self.strategy == SELF_SPECULATIVE else None,
