@@ -64,6 +64,10 @@ def table(times, summaries, tokens, better) -> list[str]:
             values = [a["predicted_speedup"]["self_speculative"] for a in s["auto"]]
             predicted = ", ".join("-" if v is None else f"{v:.2f}x" for v in values)
         alpha = "" if s["acceptance"] is None else f"{s['acceptance']:.3f}"
+        if "auto" in s:   # auto: the exit's agreement it read and judged (its rounds alone are few)
+            judged = [(a["acceptance"], a["positions_judged"]) for a in s["auto"] if a["acceptance"] is not None]
+            n = sum(j for _, j in judged)
+            alpha = f"{sum(a * j for a, j in judged) / n:.3f} (agreement)" if n else ""
         vs_better = f"{times[better] / seconds:.3f}x" if better in times else ""
         lines.append(f"| {name} | {tokens / seconds:,.0f} | {times['autoregressive'] / seconds:.3f}x | {vs_better} "
                      f"| {alpha} | {chose} | {share} | {predicted} |")

@@ -31,7 +31,7 @@ def _play(chain, rows_bits):
         full[:, 0] = 1.0
         exit_ = full.clone()
         exit_[torch.tensor(bits) == 0] = torch.tensor([0.0, 1.0, 0, 0, 0])
-        chain.add([int(v) for v in chain.read_step(exit_, full, SamplingConfig())])
+        chain.add(chain.read_step(exit_, full.argmax(-1), None, SamplingConfig()).long().tolist())
 
 
 def test_controller_reads_then_decides_from_costs_and_runs():
@@ -60,9 +60,14 @@ def test_controller_reads_then_decides_from_costs_and_runs():
     auto.observe(generated=100)
     assert auto.strategy == "autoregressive" and auto.predicted < 1
     assert [d["strategy"] for d in auto.decisions] == ["self_speculative", "autoregressive"]
-    # while autoregressive: recheck_every unread steps, then read_window steps that read, again and again
-    cycle = [(0, False)] * auto.recheck_every + [(0, True)] * auto.read_window
-    assert [auto.next_move() for _ in range(2 * len(cycle))] == cycle * 2
+    # while autoregressive: recheck_every unread steps, then read_window steps that read, again and
+    # again, the unread gap doubling up to max_unread
+    gaps = [32, 64, 128, 256, 256]
+    cycle = [move for gap in gaps for move in [(0, False)] * gap + [(0, True)] * auto.read_window]
+    assert [auto.next_move() for _ in range(len(cycle))] == cycle
+    _play(auto.chain, [[1]] * 300)                  # agreement returns: drafting, and the gap is reset
+    auto.observe(generated=2000)
+    assert auto.strategy == "self_speculative" and auto.unread_gap == auto.recheck_every
 
     never = AutoStrategy(num_layers=6, exit_layer=2, costs=NEVER)
     assert never.never_drafts and never.ceiling < 1 and never.strategy == "autoregressive"
@@ -92,19 +97,19 @@ def test_thin_evidence_does_not_buy_drafting():
 
 
 def _reference_counts(rows):
-    """[Σ bits, bits, from 1, 1 -> 1, from 0, 0 -> 1] over rows of bits in [0, 1] (None: not judged;
+    """[bits, from 1, from 0, Σ bits, 1 -> 1, 0 -> 1] over rows of bits in [0, 1] (None: not judged;
     a fractional bit is the probability of a 1)."""
     sums = [0.0] * 6
     for bits in rows:
         for prev, bit in zip([None] + bits, bits):
             if bit is None:
                 continue
-            sums[0] += bit
-            sums[1] += 1
+            sums[0] += 1
+            sums[3] += bit
             if prev is not None:
-                sums[2] += prev
-                sums[3] += prev * bit
-                sums[4] += 1 - prev
+                sums[1] += prev
+                sums[4] += prev * bit
+                sums[2] += 1 - prev
                 sums[5] += (1 - prev) * bit
     return sums
 
@@ -129,7 +134,7 @@ def test_agreement_chain_counts_rounds_and_steps_as_one_sequence():
 
     def round_(accepted, judged):
         acc, jud = torch.tensor(accepted), torch.tensor(judged)
-        chain.add([int(v) for v in chain.read_round(acc, jud, acc < jud)])
+        chain.add(chain.read_round(acc, jud, acc < jud).long().tolist())
         for r, a, j in zip(live, accepted, judged):
             rows[r].extend([1] * a + ([0] if a < j else [None]))   # the rejection, or the bonus / no draft
 
@@ -228,7 +233,7 @@ def test_plain_steps_read_the_exits_agreement_with_the_full_model(model, expecte
             # the first new token comes from the prefill; each step decodes one more position
             rows.append(bits[len(prompt):len(prompt) + len(new) - 1].tolist())
     assert chain.sums == pytest.approx(_reference_counts(rows), abs=1e-3)
-    assert 0 < chain.sums[0] < chain.sums[1] - (0.1 if temperature else 1)   # not every draft would be accepted
+    assert 0 < chain.sums[3] < chain.sums[0] - (0.1 if temperature else 1)   # not every draft would be accepted
     assert stats.auto[0]["agreement_reads"] == NEW - 1 == stats.auto[0]["autoregressive_steps"]
 
 

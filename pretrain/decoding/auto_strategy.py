@@ -14,8 +14,9 @@ same bit for one head evaluation on the hidden state at E (a draft from E, given
 prefix, is accepted exactly when the exit agrees there): no probe round, which costs more than a
 step whenever drafting does not pay, is ever needed. Plain steps read in windows: from the first
 step until `min_evidence` bits are judged, then `read_window` consecutive steps (runs need
-consecutive bits) after every `recheck_every` unread ones, so that a text that gets easier is
-noticed. Decisions follow every round and every step that read.
+consecutive bits) after `recheck_every` unread ones, so that a text that gets easier is noticed;
+the gap doubles after every window that keeps decoding plainly (up to `max_unread`) and is reset by
+drafting. Decisions follow every round and every step that read.
 
 Decisions. First, the ceiling: if drafting cannot beat `min_speedup` even with every draft accepted,
 the decoder never drafts and never reads. Otherwise it decodes autoregressively, reading, until
@@ -62,8 +63,9 @@ class AutoStrategy:
     min_speedup: float = 1.05         # draft only when predicted faster than this (a margin: the
                                       # predictions err by 5-10% on a noisy machine)
     min_evidence: int = 8             # bits judged before the first decision
-    recheck_every: int = 32           # unread plain steps between reading windows; rounds between timed steps
+    recheck_every: int = 32           # unread plain steps before a reading window; rounds between timed steps
     read_window: int = 8              # consecutive plain steps that read, per window
+    max_unread: int = 256             # the gap doubles after every window that keeps decoding plainly
     chain: AgreementChain = field(default_factory=AgreementChain)
     strategy: str = AUTOREGRESSIVE    # reading until the evidence is in
     draft_len: int = 1
@@ -72,6 +74,7 @@ class AutoStrategy:
     verdict: dict | None = None       # the numbers of the last decision, for `reason`
     decisions: list[dict] = field(default_factory=list)   # every change of strategy
     steps_unread: int = 0             # plain steps since the last reading window
+    unread_gap: int = field(init=False)   # unread steps before the next window
     reads_left: int = 0               # steps still to read in this window
     rounds_since_step: int = 0        # rounds drafted in drafting mode (a timed plain step before every
     step_timed_since_round: bool = False   # recheck_every-th of them, the first included)
@@ -87,6 +90,7 @@ class AutoStrategy:
         if self.costs.max_positions < self.max_draft_len + 1:
             raise ValueError(f"decode costs measured up to {self.costs.max_positions} positions; strategy auto "
                              f"needs max_draft_len + 1 = {self.max_draft_len + 1}")
+        self.unread_gap = self.recheck_every
         L, E = self.num_layers, self.exit_layer
         self._step_cost = autoregressive_cost(L, self.costs)
         self._round_costs = [round_cost(g, E, L, self.costs) for g in range(1, self.max_draft_len + 1)]
@@ -140,9 +144,10 @@ class AutoStrategy:
             self.reads_left -= 1
             return 0, True
         self.steps_unread += 1
-        if self.steps_unread <= self.recheck_every:
+        if self.steps_unread <= self.unread_gap:
             return 0, False
         self.steps_unread, self.reads_left = 0, self.read_window - 1
+        self.unread_gap = min(2 * self.unread_gap, self.max_unread)
         return 0, True
 
     def observe_time(self, draft_len: int, seconds: float, read: bool = False) -> None:
@@ -174,7 +179,7 @@ class AutoStrategy:
             return
         alpha = self.chain.acceptance
         p, q = self.chain.continuation()
-        error = (alpha * (1 - alpha) / self.chain.sums[1]) ** 0.5
+        error = (alpha * (1 - alpha) / self.chain.sums[0]) ** 0.5
         gamma, predicted = self._best(p, q)
         _, cautious = self._best(max(0.0, p - error), max(0.0, q - error))
         correction = self.time_correction
@@ -187,6 +192,8 @@ class AutoStrategy:
             self.decisions.append(self.verdict)
         if choice == AUTOREGRESSIVE and self.strategy == SELF_SPECULATIVE:
             self.steps_unread = self.reads_left = 0
+        if choice == SELF_SPECULATIVE:
+            self.unread_gap = self.recheck_every
         self.strategy = choice
 
     def report(self) -> dict:

@@ -120,7 +120,7 @@ def speculative_round(runner: BlockRunner, seqs: Sequences, queries: ExitQueryCa
     judged = n_accepted + rejected.long()
     taken = seqs.commit(new, n_accepted + 1)
     rows = seqs.batch
-    reads = [] if agreement is None else agreement.read_round(n_accepted, judged, rejected)
+    reads = () if agreement is None else (agreement.read_round(n_accepted, judged, rejected),)
     committed, drafted, accepted, rejections, *counts = seqs.settle(taken.sum(), limit.sum(), n_accepted.sum(),
                                                                     rejected.sum(), *reads)
     if agreement is not None:

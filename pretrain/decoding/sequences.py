@@ -75,12 +75,12 @@ class Sequences:
 
     def settle(self, *values: torch.Tensor, lengths: bool = True) -> list[int]:
         """The round's one host synchronisation: reads the finished rows, with `lengths` the most
-        tokens a row may still commit and the longest row (kept here), and `values` (0-d integer
-        tensors, returned)."""
+        tokens a row may still commit and the longest row (kept here), and `values` (integer
+        tensors of any shape, returned flat in order)."""
         read = [self.finished.sum()]
         if lengths:
             read += [self.remaining().max(), self.length.max()]
-        read = torch.stack(read + [v.to(torch.long) for v in values]).tolist()
+        read = torch.cat([torch.stack(read)] + [v.to(torch.long).reshape(-1) for v in values]).tolist()
         self._finished_rows = read[0]
         if lengths:
             self.most_remaining, self.max_length = read[1:3]

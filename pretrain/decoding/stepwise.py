@@ -49,8 +49,9 @@ def decode_step(runner: BlockRunner, seqs: Sequences, stop: int, sampling: Sampl
     exits = (exit_layer,) if agreement is not None else ()
     h, captured = runner.blocks(runner.embed(seqs.last_tokens()[:, None]), 0, stop, exits)
     logits = runner.head(h)[:, 0]
-    token, _ = choose(logits, sampling, generator)
-    reads = [] if agreement is None else agreement.read_step(runner.head(captured[exit_layer])[:, 0], logits, sampling)
+    token, probs = choose(logits, sampling, generator)
+    reads = () if agreement is None else (agreement.read_step(runner.head(captured[exit_layer])[:, 0], token, probs,
+                                                               sampling),)
     runner.stats.rounds += seqs.batch
     committed, *counts = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum(), *reads,
                                      lengths=track_lengths)
