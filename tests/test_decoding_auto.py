@@ -203,22 +203,24 @@ def test_drafts_when_it_pays_and_keeps_greedy_output():
     assert report["chosen"] == "self_speculative" and "it pays" in report["reason"]
     assert report["acceptance"] > 0.8 and report["predicted_speedup"]["self_speculative"] > 1
     assert stats.drafted > 0 and report["drafting_rounds"] > 0
-    reading = -(-8 // len(PROMPTS))                          # plain steps that read until 8 bits are judged
+    # the prompts' 15 positions are the evidence of the first decision, made before any step
+    assert report["prompt_positions_judged"] == sum(map(len, PROMPTS)) >= 8
     timing_steps = -(-report["drafting_rounds"] // 32)       # one plain step before every 32 rounds, timed
-    assert reading + timing_steps <= report["autoregressive_steps"] <= reading + timing_steps + 1
+    assert timing_steps <= report["autoregressive_steps"] <= timing_steps + 1
     assert report["agreement_reads"] == report["autoregressive_steps"]
     assert report["decisions"][0]["strategy"] == "self_speculative"
-    assert report["decisions"][0]["after_tokens"] == len(PROMPTS) * (1 + reading)
+    assert report["decisions"][0]["after_tokens"] == len(PROMPTS)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_plain_steps_read_the_exits_agreement_with_the_full_model(model, expected, monkeypatch, temperature):
     """Reading on every plain step, the chain's sums are the agreement of exit 2 with the full model
-    at every decoded position, and its runs, computed independently from whole forwards: greedy,
-    whether the argmaxes agree; sampling, the probability sum_v min(p, q) that a draft is accepted."""
+    at the prompts' last positions (here 5 of them) and at every decoded position, and its runs,
+    computed independently from whole forwards: greedy, whether the argmaxes agree; sampling, the
+    probability sum_v min(p, q) that a draft is accepted."""
     chain = AgreementChain(decay=1.0)
     monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, min_evidence=10 ** 9,
-                                                                       chain=chain))
+                                                                       chain=chain, prompt_positions=5))
     out, stats = generate(model, PROMPTS, exit_layer=2, max_new_tokens=NEW, costs=PAYS, temperature=temperature)
     assert stats.drafted == 0 and (out == expected) == (temperature == 0)
     rows = []
@@ -230,8 +232,9 @@ def test_plain_steps_read_the_exits_agreement_with_the_full_model(model, expecte
                 bits = torch.minimum(exit_.softmax(-1), full.softmax(-1)).sum(-1)
             else:
                 bits = (exit_.argmax(-1) == full.argmax(-1)).double()
-            # the first new token comes from the prefill; each step decodes one more position
-            rows.append(bits[len(prompt):len(prompt) + len(new) - 1].tolist())
+            # the prefill reads the prompt's last 5 positions (the last one chose the first new
+            # token); each step decodes one more position
+            rows.append(bits[max(0, len(prompt) - 5):len(prompt) + len(new) - 1].tolist())
     assert chain.sums == pytest.approx(_reference_counts(rows), abs=1e-3)
     assert 0 < chain.sums[3] < chain.sums[0] - (0.1 if temperature else 1)   # not every draft would be accepted
     assert stats.auto[0]["agreement_reads"] == NEW - 1 == stats.auto[0]["autoregressive_steps"]

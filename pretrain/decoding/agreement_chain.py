@@ -38,6 +38,7 @@ class AgreementChain:
     sums: list[float] = field(default_factory=lambda: [0.0] * 6)
     seen: int = 0              # bits judged, undecayed
     reads: int = 0             # plain steps that read agreement
+    prompt_bits: int = 0       # bits read on the prompts
     previous: torch.Tensor | None = None   # [2, B]: P(each row's last bit is 1), P(it is 0); 0, 0 unknown
 
     def start(self, batch: int, device: torch.device | str) -> None:
@@ -65,6 +66,23 @@ class AgreementChain:
         self.previous = torch.stack([bits, 1.0 - bits])
         return (sums * _FIXED_POINT).round()
 
+    def read_prompt(self, exit_logits: torch.Tensor, full_logits: torch.Tensor, mask: torch.Tensor,
+                    sampling: SamplingConfig) -> torch.Tensor:
+        """Exit and full-model logits [B, K, V] at K consecutive prompt positions of each row, those
+        of `mask` [B, K] real (the row's last position last): the bits there, each row's last one
+        its state. Teacher-forced on the prompt, the first evidence before anything is decoded."""
+        if sampling.greedy:
+            bits = (exit_logits.argmax(-1) == full_logits.argmax(-1)).float()
+        else:
+            bits = acceptance_probability(probabilities(exit_logits, sampling), probabilities(full_logits, sampling))
+        bits = bits * mask
+        pair = mask[:, 1:] & mask[:, :-1]
+        into = torch.stack([bits[:, :-1], 1.0 - bits[:, :-1]]) * pair                # [2, B, K-1]
+        sums = torch.cat([mask.float().sum()[None], into.sum((1, 2)), bits.sum()[None],
+                          (into * bits[:, 1:]).sum((1, 2))])
+        self.previous = torch.stack([bits[:, -1], 1.0 - bits[:, -1]]) * mask[:, -1]
+        return (sums * _FIXED_POINT).round()
+
     def read_round(self, accepted: torch.Tensor, judged: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
         """A round's drafts per row [B]: `accepted` in a row, `judged` of them (accepted + the
         rejected one, if any)."""
@@ -79,12 +97,15 @@ class AgreementChain:
         return (sums * _FIXED_POINT).round()
 
     # --- host side
-    def add(self, values: list[int]) -> None:
-        """The six sums read in the synchronisation (read_step's or read_round's)."""
+    def add(self, values: list[int], prompt: bool = False) -> None:
+        """The six sums read in the synchronisation (read_step's, read_round's or, `prompt`,
+        read_prompt's)."""
         new = [v / _FIXED_POINT for v in values]
         fade = self.decay ** new[0]
         self.sums = [fade * old + v for old, v in zip(self.sums, new)]
         self.seen += round(new[0])
+        if prompt:
+            self.prompt_bits += round(new[0])
 
     @property
     def acceptance(self) -> float | None:

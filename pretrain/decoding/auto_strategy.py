@@ -12,8 +12,11 @@ definition. Drafting is chosen when its prediction exceeds `min_speedup`.
 Evidence, and what it costs. Drafting rounds judge their drafts for free. A plain step reads the
 same bit for one head evaluation on the hidden state at E (a draft from E, given the committed
 prefix, is accepted exactly when the exit agrees there): no probe round, which costs more than a
-step whenever drafting does not pay, is ever needed. Plain steps read in windows: from the first
-step until `min_evidence` bits are judged, then `read_window` consecutive steps (runs need
+step whenever drafting does not pay, is ever needed. The prefill reads it first, teacher-forced,
+at each prompt's last `prompt_positions` positions (two head evaluations on each, in one batch:
+far cheaper per bit than steps), so the first decision usually comes before the first step. Plain
+steps read in windows: from the first step until `min_evidence` bits are judged (prompts shorter
+than that), then `read_window` consecutive steps (runs need
 consecutive bits) after `recheck_every` unread ones, so that a text that gets easier is noticed;
 the gap doubles after every window that keeps decoding plainly (up to `max_unread`) and is reset by
 drafting. Decisions follow every round and every step that read.
@@ -65,6 +68,7 @@ class AutoStrategy:
     min_evidence: int = 8             # bits judged before the first decision
     recheck_every: int = 32           # unread plain steps before a reading window; rounds between timed steps
     read_window: int = 8              # consecutive plain steps that read, per window
+    prompt_positions: int = 64        # the prefill reads agreement at each prompt's last positions
     max_unread: int = 256             # the gap doubles after every window that keeps decoding plainly
     chain: AgreementChain = field(default_factory=AgreementChain)
     strategy: str = AUTOREGRESSIVE    # reading until the evidence is in
@@ -203,7 +207,8 @@ class AutoStrategy:
         return {"chosen": self.strategy, "reason": self.reason, "exit_layer": self.exit_layer,
                 "draft_len": self.draft_len if self.strategy == SELF_SPECULATIVE else None,
                 "acceptance": self.acceptance, "acceptance_after_accepted": p, "acceptance_after_rejected": q,
-                "positions_judged": self.chain.seen, "agreement_reads": self.chain.reads,
+                "positions_judged": self.chain.seen, "prompt_positions_judged": self.chain.prompt_bits,
+                "agreement_reads": self.chain.reads,
                 "predicted_speedup": {AUTOREGRESSIVE: 1.0, SELF_SPECULATIVE: self.predicted,
                                       "self_speculative_if_all_accepted": self.ceiling},
                 "decisions": self.decisions, "drafting_rounds": self.drafting_rounds, "timed": self.timed,
@@ -222,8 +227,10 @@ def decode_auto(runner: BlockRunner, seqs: Sequences, auto: AutoStrategy, sampli
     first_layer = runner.cache.layers[0]
     clock = decode_clock(seqs.tokens.device)   # each round and step ends with a host synchronisation
     chain = auto.chain
-    chain.start(seqs.batch, seqs.tokens.device)
-    chained = False   # the chain's last bits are of the position just decoded: an unread step breaks them
+    if chain.previous is None:    # the prefill did not read
+        chain.start(seqs.batch, seqs.tokens.device)
+    chained = True    # the chain's last bits are of the position just decoded: an unread step breaks them
+    auto.observe(stats.generated)   # the prompt's evidence may already decide
     while seqs.batch:
         if runner.cache.span(first_layer, 0) > seqs.max_length - 1:
             # the cache's host bound on the attended span still counts a longer row that has left

@@ -11,21 +11,37 @@ from pretrain.decoding.sequences import Sequences, drop_finished_rows
 
 
 def prefill(runner: BlockRunner, seqs: Sequences, stop: int, sampling: SamplingConfig,
-            generator: torch.Generator | None) -> None:
+            generator: torch.Generator | None, agreement: AgreementChain | None = None, exit_layer: int = 0,
+            prompt_positions: int = 64) -> None:
     """Run the prompts, right-padded to the longest, through blocks [0, stop) once; commit each
-    row's first new token; crop the padding out of the cache; rows already finished leave."""
+    row's first new token; crop the padding out of the cache; rows already finished leave. With
+    `agreement` (started here), also read whether exit `exit_layer` agrees with the full model at
+    each row's last `prompt_positions` prompt positions (two head evaluations on each)."""
     width = seqs.longest_prompt
     runner.in_prefill = True
-    h, _ = runner.blocks(runner.embed(seqs.tokens[:, :width]), 0, stop)
+    h, captured = runner.blocks(runner.embed(seqs.tokens[:, :width]), 0, stop,
+                                (exit_layer,) if agreement is not None else ())
     last = h.gather(1, (seqs.prompt_len - 1)[:, None, None].expand(-1, 1, h.shape[-1]))
     logits = runner.head(last)[:, 0]
+    reads = ()
+    if agreement is not None:
+        agreement.start(seqs.batch, h.device)
+        # the window of each row's last positions, right-aligned on its prompt; before it: padding
+        at = seqs.prompt_len[:, None] - min(prompt_positions, width) + torch.arange(min(prompt_positions, width),
+                                                                                     device=h.device)
+        mask = at >= 0
+        index = at.clamp_min(0)[..., None].expand(-1, -1, h.shape[-1])
+        reads = (agreement.read_prompt(runner.head(captured[exit_layer].gather(1, index)),
+                                       runner.head(h.gather(1, index)), mask, sampling),)
     runner.in_prefill = False
     token, _ = choose(logits, sampling, generator)
-    first, = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum())
+    first, *counts = seqs.settle(seqs.commit(token[:, None], torch.ones_like(token)).sum(), *reads)
+    if agreement is not None:
+        agreement.add(counts, prompt=True)
     runner.stats.generated += first
     runner.stats.prefill_tokens += first
     runner.crop_to_committed(seqs.length, seqs.max_length, stop)
-    drop_finished_rows(seqs, runner.cache)
+    drop_finished_rows(seqs, runner.cache, agreement)
 
 
 def decode_stepwise(runner: BlockRunner, seqs: Sequences, stop: int, sampling: SamplingConfig,
