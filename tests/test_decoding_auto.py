@@ -326,3 +326,25 @@ def test_rows_far_apart_then_plain_steps(monkeypatch):
     out, stats = generate(strong_exit, prompts, exit_layer=2, max_new_tokens=new, costs=PAYS)
     assert out == [reference_greedy(strong_exit, p, new) for p in prompts]
     assert left[0] == 2 and left[-1] == 1 and stats.auto[0]["autoregressive_steps"] > 20
+
+
+def test_many_bits_at_once_weigh_what_the_decayed_window_holds():
+    """512 prompt bits (8 rows of 64) count as the ~50 bits the decay keeps (1 / (1 - 0.98)), with
+    their proportions; `seen` counts them all."""
+    chain = AgreementChain()
+    chain.start(8, "cpu")
+    bits = (torch.arange(8 * 64).reshape(8, 64) % 4 != 0).float()   # 3 in 4 agree
+    full = torch.zeros(8, 64, 5)
+    full[..., 0] = 1.0
+    exit_ = full.clone()
+    exit_[bits == 0] = torch.tensor([0.0, 1.0, 0, 0, 0])
+    chain.add(chain.read_prompt(exit_, full, torch.ones(8, 64, dtype=torch.bool), SamplingConfig()).long().tolist(),
+              prompt=True)
+    assert chain.sums[0] == pytest.approx(50.0) and chain.acceptance == pytest.approx(0.75)
+    assert chain.seen == chain.prompt_bits == 512
+    # each row 0 1 1 1 0 1 1 1 ..: of its 63 steps, 47 from a 1 (32 to a 1), 16 from a 0 (all to a 1);
+    # scaled by 50 / 512, one pseudo-count at α each
+    scale = 50 / 512
+    p, q = chain.continuation()
+    assert p == pytest.approx((8 * 32 * scale + 0.75) / (8 * 47 * scale + 1))
+    assert q == pytest.approx((8 * 16 * scale + 0.75) / (8 * 16 * scale + 1))

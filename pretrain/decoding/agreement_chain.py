@@ -101,11 +101,16 @@ class AgreementChain:
         """The six sums read in the synchronisation (read_step's, read_round's or, `prompt`,
         read_prompt's)."""
         new = [v / _FIXED_POINT for v in values]
+        judged = round(new[0])
+        # the decayed sums hold about 1 / (1 - decay) bits: more at once (a batch of prompts) weigh as many
+        memory = 1.0 / (1.0 - self.decay) if self.decay < 1 else float("inf")
+        if new[0] > memory:
+            new = [v * memory / new[0] for v in new]
         fade = self.decay ** new[0]
         self.sums = [fade * old + v for old, v in zip(self.sums, new)]
-        self.seen += round(new[0])
+        self.seen += judged
         if prompt:
-            self.prompt_bits += round(new[0])
+            self.prompt_bits += judged
 
     @property
     def acceptance(self) -> float | None:
