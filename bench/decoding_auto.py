@@ -13,7 +13,7 @@ measurement happens in the untimed check pass and is reported on its own, with w
 one call of this workload.
 
     python -m bench.decoding_auto --checkpoint runs/bench_decode [--exits 2,3,4,5] [--gammas 1,2,3] \
-        [--repeats 5] [--threads 1] [--clock cpu]
+        [--repeats 5] [--duel-repeats 45] [--threads 1] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -44,10 +44,10 @@ def check_and_summarise(model, prompts, batch, options, reference) -> tuple[dict
     return summaries, measuring
 
 
-def timed(model, prompts, batch, options, args) -> dict[str, float]:
+def timed(model, prompts, batch, options, args, repeats: int) -> dict[str, float]:
     cases = {name: (lambda o=opts: decode_all(model, prompts, o, batch)) for name, opts in options.items()}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    return interleaved_medians(cases, args.repeats, clock=clock)
+    return interleaved_medians(cases, repeats, clock=clock)
 
 
 def table(times, summaries, tokens, better) -> list[str]:
@@ -87,7 +87,7 @@ def batch_size_section(model, prompts, batch, args, eval_exit) -> tuple[list[str
                  for E in exits for g in map(int, args.gammas.split(","))})
     reference, _ = decode_all(model, prompts, ar, batch)
     grid_summaries, _ = check_and_summarise(model, prompts, batch, grid, reference)
-    grid_times = timed(model, prompts, batch, grid, args)
+    grid_times = timed(model, prompts, batch, grid, args, args.repeats)
     best_spec = min((n for n in grid if n != "autoregressive"), key=grid_times.get)
     best = grid[best_spec]
 
@@ -98,7 +98,7 @@ def batch_size_section(model, prompts, batch, args, eval_exit) -> tuple[list[str
     if eval_exit is not None and eval_exit != best.exit_layer:
         duel[f"auto E={eval_exit} (eval.json)"] = auto(eval_exit)
     duel_summaries, measuring = check_and_summarise(model, prompts, batch, duel, reference)
-    duel_times = timed(model, prompts, batch, duel, args)
+    duel_times = timed(model, prompts, batch, duel, args, args.duel_repeats or args.repeats)
     better = min(("autoregressive", best_spec), key=duel_times.get)
     headline = f"auto E={best.exit_layer}"
     ratio = duel_times[better] / duel_times[headline]
@@ -107,7 +107,8 @@ def batch_size_section(model, prompts, batch, args, eval_exit) -> tuple[list[str
     clock = "CPU time of this process" if args.clock == "cpu" else "wall time"
     lines = [f"## batch {batch}", "",
              f"{len(prompts)} prompts, {batch} at a time ({calls} call(s) of generate per repeat); timed by {clock}, "
-             f"{torch.get_num_threads()} thread(s), median of {args.repeats} interleaved repeats.", "",
+             f"{torch.get_num_threads()} thread(s), median of {args.repeats} interleaved repeats (stage 2: "
+             f"{args.duel_repeats or args.repeats}).", "",
              "### stage 1: every fixed configuration", ""]
     lines += table(grid_times, grid_summaries, tokens, "autoregressive")
     lines += ["", f"Best fixed self-speculative configuration: {best_spec} "
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--gammas", default="1,2,3")
     ap.add_argument("--max-draft-len", type=int, default=8, help="γ range auto searches")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--duel-repeats", type=int, help="repeats of stage 2, the head to head (default: --repeats): "
+                    "its few cases afford more, and the headline ratio needs them on a noisy machine")
     ap.add_argument("--batch-sizes", default="1,8", help="1 (prompts one by one) and/or 8")
     ap.add_argument("--name", default="decoding_auto", help="bench/results/<name>.md and .json")
     ap.add_argument("--device", default="cpu")

@@ -215,12 +215,12 @@ def test_drafts_when_it_pays_and_keeps_greedy_output():
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_plain_steps_read_the_exits_agreement_with_the_full_model(model, expected, monkeypatch, temperature):
     """Reading on every plain step, the chain's sums are the agreement of exit 2 with the full model
-    at the prompts' last positions (here 5 of them) and at every decoded position, and its runs,
+    at the prompts' last positions (here 20 bits: 5 a row) and at every decoded position, and its runs,
     computed independently from whole forwards: greedy, whether the argmaxes agree; sampling, the
     probability sum_v min(p, q) that a draft is accepted."""
     chain = AgreementChain(decay=1.0)
     monkeypatch.setattr(generation, "AutoStrategy", functools.partial(AutoStrategy, min_evidence=10 ** 9,
-                                                                       chain=chain, prompt_positions=5))
+                                                                       chain=chain, prompt_bits=20))
     out, stats = generate(model, PROMPTS, exit_layer=2, max_new_tokens=NEW, costs=PAYS, temperature=temperature)
     assert stats.drafted == 0 and (out == expected) == (temperature == 0)
     rows = []

@@ -13,8 +13,8 @@ Evidence, and what it costs. Drafting rounds judge their drafts for free. A plai
 same bit for one head evaluation on the hidden state at E (a draft from E, given the committed
 prefix, is accepted exactly when the exit agrees there): no probe round, which costs more than a
 step whenever drafting does not pay, is ever needed. The prefill reads it first, teacher-forced,
-at each prompt's last `prompt_positions` positions (two head evaluations on each, in one batch:
-far cheaper per bit than steps), so the first decision usually comes before the first step. Plain
+at each prompt's last ceil(`prompt_bits` / batch) positions (two head evaluations on each, in one
+batch), so the first decision usually comes before the first step. Plain
 steps read in windows: from the first step until `min_evidence` bits are judged (prompts shorter
 than that), then `read_window` consecutive steps (runs need
 consecutive bits) after `recheck_every` unread ones, so that a text that gets easier is noticed;
@@ -68,7 +68,8 @@ class AutoStrategy:
     min_evidence: int = 8             # bits judged before the first decision
     recheck_every: int = 32           # unread plain steps before a reading window; rounds between timed steps
     read_window: int = 8              # consecutive plain steps that read, per window
-    prompt_positions: int = 64        # the prefill reads agreement at each prompt's last positions
+    prompt_bits: int = 64             # the prefill reads agreement at each prompt's last ceil(this / batch)
+                                      # positions (more would outweigh the ~50 bits the evidence keeps)
     max_unread: int = 256             # the gap doubles after every window that keeps decoding plainly
     chain: AgreementChain = field(default_factory=AgreementChain)
     strategy: str = AUTOREGRESSIVE    # reading until the evidence is in
@@ -179,7 +180,7 @@ class AutoStrategy:
         with each change of strategy). The choice is made one standard error of the agreement below
         the estimate, sqrt(α(1 - α)/n) off p and q (n: the decayed bits): a user should not pay for
         drafting on thin evidence, and drafting, once chosen, soon brings more."""
-        if self.never_drafts or self.chain.seen < self.min_evidence:
+        if self.never_drafts or self.chain.seen < self.min_evidence or not self.chain.seen:
             return
         alpha = self.chain.acceptance
         p, q = self.chain.continuation()

@@ -155,9 +155,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
     stop = exit_layer if opts.strategy == "early_exit" else L
     try:
         with Timer(stats, device):
-            reading = auto is not None and not auto.never_drafts
+            reading = auto is not None and not auto.never_drafts and auto.prompt_bits > 0
             prefill(runner, seqs, stop, opts.sampling, generator, auto.chain if reading else None, exit_layer,
-                    auto.prompt_positions if reading else 0)
+                    -(-auto.prompt_bits // seqs.batch) if reading else 0)
             if speculative:
                 adaptive = (AdaptiveDraftLength(opts.draft_threshold, opts.target_acceptance)
                             if opts.adaptive_draft else None)
