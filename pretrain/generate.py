@@ -13,9 +13,10 @@ line). Without --exit-layer / --draft-len, the best (E, γ) of the run's eval.js
 there is one, else E = L/4 and γ = 4. Prints each completion, then one JSON object with the
 statistics (with --measure-speedup also autoregressive decoding of the same prompts and the ratio).
 --strategy auto (the default) drafts at E only when the costs measured here at the batch's size and
-the acceptance it observes predict that drafting pays, and decodes autoregressively otherwise
+the exit's agreement with the full model it reads (on the prompt, on rounds and on a few plain
+steps) predict that drafting pays, and decodes autoregressively otherwise
 (pretrain/decoding/auto_strategy.py); the JSON says what it chose and why ("chosen_strategy",
-"auto": measured costs, observed acceptance, predicted speedups, every change of mind).
+"auto": measured costs, observed agreement, predicted speedups, every change of mind).
 With --dynamic-exit --measure-costs, a block and the shared head are timed here on 1..max_draft_len+1
 positions first, and (E, γ) are chosen by the speedup those costs predict rather than by layer
 counts (see schedules/speedup.py); the costs are reported.
