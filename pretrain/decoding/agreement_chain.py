@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pretrain.decoding.sampling import SamplingConfig, acceptance_probability, probabilities
+from pretrain.decoding.sampling import SamplingConfig, acceptance_per_position, probabilities
 
 _FIXED_POINT = 2 ** 16
 
@@ -56,10 +56,7 @@ class AgreementChain:
                   sampling: SamplingConfig) -> torch.Tensor:
         """The exit's logits [B, V] at the position a plain step decoded, and what the full model
         chose there (its token [B]; sampling: its distribution [B, V]): one bit per row."""
-        if sampling.greedy:
-            bits = (exit_logits.argmax(-1) == full_token).float()
-        else:
-            bits = acceptance_probability(probabilities(exit_logits, sampling), full_probs)
+        bits = acceptance_per_position(exit_logits, full_token, full_probs, sampling)
         self.reads += 1
         weights = torch.cat([torch.ones_like(bits)[None], self.previous])     # 1, from a 1, from a 0
         sums = torch.cat([weights, weights * bits]).sum(1)
@@ -71,11 +68,8 @@ class AgreementChain:
         """Exit and full-model logits [B, K, V] at K consecutive prompt positions of each row, those
         of `mask` [B, K] real (the row's last position last): the bits there, each row's last one
         its state. Teacher-forced on the prompt, the first evidence before anything is decoded."""
-        if sampling.greedy:
-            bits = (exit_logits.argmax(-1) == full_logits.argmax(-1)).float()
-        else:
-            bits = acceptance_probability(probabilities(exit_logits, sampling), probabilities(full_logits, sampling))
-        bits = bits * mask
+        full_probs = None if sampling.greedy else probabilities(full_logits, sampling)
+        bits = acceptance_per_position(exit_logits, full_logits.argmax(-1), full_probs, sampling) * mask
         pair = mask[:, 1:] & mask[:, :-1]
         into = torch.stack([bits[:, :-1], 1.0 - bits[:, :-1]]) * pair                # [2, B, K-1]
         sums = torch.cat([mask.float().sum()[None], into.sum((1, 2)), bits.sum()[None],

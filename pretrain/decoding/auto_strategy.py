@@ -161,7 +161,7 @@ class AutoStrategy:
         if not self.timed:
             return
         if draft_len:
-            sums, predicted = self.round_seconds, round_cost(draft_len, self.exit_layer, self.num_layers, self.costs)
+            sums, predicted = self.round_seconds, self._round_costs[draft_len - 1]
         else:
             sums, predicted = self.step_seconds, self._step_cost + (self.costs.head_cost(1) if read else 0.0)
         sums[0] = self.time_decay * sums[0] + seconds

@@ -11,7 +11,7 @@ too: autoregressive decoding pays it per token, self-speculative decoding per dr
 pass. Strategy auto also calibrates these parts on the decoder's own steps and rounds at its exit
 (`calibrate_on_decodes`): what a round costs besides its passes (accepting the drafts, committing,
 cropping every layer's cache) is not in the parts, and without it auto drafted where drafting lost
-(bench/results/decoding_auto_late_exit.md before the calibration: predicted 1.00x, ran 0.83x).
+(the late-exit case of bench.decoding_auto, E=5 at batch 8).
 """
 from __future__ import annotations
 

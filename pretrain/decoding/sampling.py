@@ -85,14 +85,20 @@ def acceptance_probability(draft_probs: torch.Tensor, target_probs: torch.Tensor
     return torch.minimum(draft_probs, target_probs).sum(-1)
 
 
+def acceptance_per_position(exit_logits: torch.Tensor, full_token: torch.Tensor, full_probs: torch.Tensor | None,
+                            sampling: SamplingConfig) -> torch.Tensor:
+    """The probability that a draft from the exit is accepted, per position ([..., V] logits of the
+    exit; the full model's chosen token [...] and, when sampling, its distribution [..., V]): top-1
+    agreement when greedy (0 or 1), sum_v min(p_exit, p_full) when sampling. float32 [...]."""
+    if sampling.greedy:
+        return (exit_logits.argmax(-1) == full_token).float()
+    return acceptance_probability(probabilities(exit_logits, sampling), full_probs)
+
+
 def acceptance_score(exit_logits: torch.Tensor, full_logits: torch.Tensor, sampling: SamplingConfig
                      ) -> tuple[float, int]:
     """[N, V] logits of an exit and of the full model at N positions -> (sum over the positions of
-    the probability that a draft from the exit is accepted, N): top-1 agreement when greedy,
-    sum_v min(p_exit, p_full) when sampling. Reads the sum on the host."""
-    if sampling.greedy:
-        score = (exit_logits.argmax(-1) == full_logits.argmax(-1)).sum()
-    else:
-        score = acceptance_probability(probabilities(exit_logits, sampling),
-                                       probabilities(full_logits, sampling)).sum()
+    acceptance_per_position, N). Reads the sum on the host."""
+    full_probs = None if sampling.greedy else probabilities(full_logits, sampling)
+    score = acceptance_per_position(exit_logits, full_logits.argmax(-1), full_probs, sampling).sum()
     return float(score), exit_logits.shape[0]
