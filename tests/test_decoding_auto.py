@@ -1,6 +1,7 @@
 """strategy="auto": drafts when the measured costs and the observed acceptance say drafting pays,
 decodes autoregressively when not, switches mid-generation, and gives the full model's greedy text
 whatever it does; its report says what it chose and why; bad input is refused."""
+import dataclasses
 import functools
 
 import pytest
@@ -10,6 +11,7 @@ from builders import NEW, PROMPTS, make_model, reference_greedy
 from pretrain.decoding import DecodeOptions, generate, generation
 from pretrain.decoding.agreement_chain import AgreementChain
 from pretrain.decoding.auto_strategy import AutoStrategy
+from pretrain.decoding.decode_timings import DecodeTimings, decode_timings_for
 from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.self_speculative import speculative_round
 from schedules.speedup import (DecodeCosts, autoregressive_cost, expected_speedup_with_costs,
@@ -210,6 +212,34 @@ def test_drafts_when_it_pays_and_keeps_greedy_output():
     assert report["agreement_reads"] == report["autoregressive_steps"]
     assert report["decisions"][0]["strategy"] == "self_speculative"
     assert report["decisions"][0]["after_tokens"] == len(PROMPTS)
+
+
+
+def test_the_timings_correction_is_kept_across_calls():
+    """A second call starts from the correction the first one's timings gave (no rounds spent
+    re-learning it); another batch size or other costs start from 1."""
+    strong_exit = make_model(scale=0.01, embed_scale=20)
+    cache_type = generation.decoding_cache_type(strong_exit)
+    _, first = generate(strong_exit, PROMPTS, exit_layer=2, max_new_tokens=24, costs=PAYS)
+    kept = decode_timings_for(strong_exit, PAYS, len(PROMPTS), 2, cache_type)
+    assert kept.rounds[1] > 0 and kept.steps[1] > 0                 # both kinds timed by the first call
+    assert first.auto[0]["decisions"][0]["time_correction"] == 1.0   # nothing known before it
+    assert first.auto[0]["time_correction"] == pytest.approx(kept.correction) != 1.0
+    carried = kept.correction
+    _, second = generate(strong_exit, PROMPTS, exit_layer=2, max_new_tokens=24, costs=PAYS)
+    assert second.auto[0]["decisions"][0]["time_correction"] == pytest.approx(carried)
+    _, other_batch = generate(strong_exit, PROMPTS[:1], exit_layer=2, max_new_tokens=24, costs=PAYS)
+    assert other_batch.auto[0]["decisions"][0]["time_correction"] == 1.0
+    before = (list(kept.rounds), list(kept.steps))
+    _, untimed = generate(strong_exit, PROMPTS, exit_layer=2, max_new_tokens=24, costs=PAYS, auto_timing=False)
+    assert untimed.auto[0]["time_correction"] == 1.0
+    assert (kept.rounds, kept.steps) == before                          # untimed decodes leave it alone
+    other_costs = dataclasses.replace(PAYS, step=0.5)
+    assert other_costs != PAYS
+    _, repriced = generate(strong_exit, PROMPTS, exit_layer=2, max_new_tokens=24, costs=other_costs)
+    assert repriced.auto[0]["decisions"][0]["time_correction"] == 1.0
+    with pytest.raises(ValueError, match="priced by other costs"):
+        AutoStrategy(num_layers=6, exit_layer=2, costs=PAYS, timings=DecodeTimings(NEVER))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

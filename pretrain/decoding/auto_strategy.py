@@ -27,13 +27,12 @@ the decoder never drafts and never reads. Otherwise it decodes autoregressively,
 standard error of the agreement below their estimates: 8 bits say little, and a user should not
 pay for drafting on thin evidence (once drafting, its rounds bring evidence fast).
 
-Timing. The costs are measured before decoding, on random tokens; the decode itself differs (rows
-drift apart and leave the batch one by one while drafting, all together while stepping). Each
-round and step is timed as it runs (cost_model.decode_clock), and the prediction is corrected by
-(observed / predicted time of plain steps) / (observed / predicted time of rounds), decayed over
-about the last 10 of each, once both kinds were timed: drafting takes a plain step (reading) every
-`recheck_every` rounds, the first before the first round. Under tensor parallelism the ranks'
-clocks differ and their choices must not: the correction is off there. Switching needs nothing:
+Timing. Each round and step is timed as it runs (cost_model.decode_clock), and the prediction is
+corrected by the decode's own timings (decode_timings.py: observed over predicted time of plain
+steps, over that of rounds), kept across calls for this model, batch size and exit: drafting takes a
+plain step (reading) every `recheck_every` rounds, the first before the first round, so that both
+kinds are timed. Under tensor parallelism the ranks' clocks differ and their choices must not: the
+correction is off there. Switching needs nothing:
 between rounds and steps every block's KV cache holds every committed token but the last,
 whichever strategy wrote it, so greedy output is the full model's either way.
 """
@@ -45,6 +44,7 @@ import torch
 
 from pretrain.decoding.agreement_chain import AgreementChain
 from pretrain.decoding.cost_model import decode_clock
+from pretrain.decoding.decode_timings import DecodeTimings
 from pretrain.decoding.kv_cache import ExitQueryCache
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig
@@ -86,16 +86,17 @@ class AutoStrategy:
     drafting_rounds: int = 0
     autoregressive_steps: int = 0
     timed: bool = True                # correct the prediction by the decode's own timings
-    time_decay: float = 0.9           # weight of older timings, per round or step timed
-    # decayed sums of [observed, predicted] seconds, of rounds and of plain steps
-    round_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    step_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    timings: DecodeTimings | None = None   # those earlier decodes kept (decode_timings_for); None: new
 
     def __post_init__(self):
         if self.costs.max_positions < self.max_draft_len + 1:
             raise ValueError(f"decode costs measured up to {self.costs.max_positions} positions; strategy auto "
                              f"needs max_draft_len + 1 = {self.max_draft_len + 1}")
         self.unread_gap = self.recheck_every
+        if self.timings is None:
+            self.timings = DecodeTimings(self.costs)
+        elif self.timings.costs != self.costs:
+            raise ValueError("auto's timings were priced by other costs than the ones it decides by")
         L, E = self.num_layers, self.exit_layer
         self._step_cost = autoregressive_cost(L, self.costs)
         self._round_costs = [round_cost(g, E, L, self.costs) for g in range(1, self.max_draft_len + 1)]
@@ -160,20 +161,14 @@ class AutoStrategy:
         `seconds`."""
         if not self.timed:
             return
-        if draft_len:
-            sums, predicted = self.round_seconds, self._round_costs[draft_len - 1]
-        else:
-            sums, predicted = self.step_seconds, self._step_cost + (self.costs.head_cost(1) if read else 0.0)
-        sums[0] = self.time_decay * sums[0] + seconds
-        sums[1] = self.time_decay * sums[1] + predicted
+        predicted = (self._round_costs[draft_len - 1] if draft_len
+                     else self._step_cost + (self.costs.head_cost(1) if read else 0.0))
+        self.timings.add(bool(draft_len), seconds, predicted)
 
     @property
     def time_correction(self) -> float:
-        """(observed/predicted of plain steps) / (observed/predicted of rounds), 1 until both kinds
-        were timed: what drifts both alike (the machine, its caches) cancels, what differs stays."""
-        if not (self.step_seconds[1] and self.round_seconds[1]):
-            return 1.0
-        return (self.step_seconds[0] / self.step_seconds[1]) / (self.round_seconds[0] / self.round_seconds[1])
+        """decode_timings.DecodeTimings.correction; 1 when untimed."""
+        return self.timings.correction if self.timed else 1.0
 
     def observe(self, generated: int) -> None:
         """Decide from the chain's evidence so far; `generated`: tokens committed so far (recorded
@@ -199,6 +194,10 @@ class AutoStrategy:
             self.steps_unread = self.reads_left = 0
         if choice == SELF_SPECULATIVE:
             self.unread_gap = self.recheck_every
+        if self.timings is None:
+            self.timings = DecodeTimings(self.costs)
+        elif self.timings.costs != self.costs:
+            raise ValueError("auto's timings were priced by other costs than the ones it decides by")
         self.strategy = choice
 
     def report(self) -> dict:

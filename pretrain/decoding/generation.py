@@ -8,7 +8,8 @@
 "auto" (auto_strategy.py) drafts at exit E when the costs measured at this batch size and the
 acceptance it observes predict that drafting pays, and decodes autoregressively when not;
 stats.auto says what it chose and why. Its costs: `costs` if given, else measured on first use for
-this model, batch size and exit (cost_model.decode_costs_at, a few seconds on a CPU) and kept.
+this model, batch size and exit (cost_model.decode_costs_at, a few seconds on a CPU) and kept, as
+is what its decodes' timings say of them (decode_timings.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pretrain.decoding.adaptive_draft import AdaptiveDraftLength
 from pretrain.decoding.auto_strategy import AutoStrategy, decode_auto
 from pretrain.decoding.compiled import compile_blocks_for_decoding, decoding_cache_type
 from pretrain.decoding.cost_model import decode_costs_at, tensor_parallel
+from pretrain.decoding.decode_timings import decode_timings_for
 from pretrain.decoding.dynamic_exit import DynamicExit
 from pretrain.decoding.runner import BlockRunner
 from pretrain.decoding.sampling import SamplingConfig
@@ -141,14 +143,15 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
                          f"needs {needed} positions, the model allows {model.cfg.max_seq_len} (model.max_seq_len)")
     if opts.compile is not None:
         compile_blocks_for_decoding(model, opts.compile, opts.compile_backend)
+    cache_type = decoding_cache_type(model)
     auto, measuring_s = None, 0.0
     if opts.strategy == "auto":
         start = time.perf_counter()
         costs = opts.costs or decode_costs_at(model, seqs.batch, opts.max_draft_len + 1, exit_layer)
         measuring_s = time.perf_counter() - start
-        auto = AutoStrategy(L, exit_layer, costs, opts.max_draft_len, opts.min_speedup,
-                            timed=opts.auto_timing and not tensor_parallel(model))
-    cache_type = decoding_cache_type(model)
+        timed = opts.auto_timing and not tensor_parallel(model)
+        auto = AutoStrategy(L, exit_layer, costs, opts.max_draft_len, opts.min_speedup, timed=timed,
+                            timings=decode_timings_for(model, costs, seqs.batch, exit_layer, cache_type) if timed else None)
     stats = DecodeStats()
     runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), stats)
     generator = torch.Generator(device=device).manual_seed(opts.seed)

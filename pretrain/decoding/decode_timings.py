@@ -1,0 +1,60 @@
+"""How a decode's own timings correct the measured costs, kept across `generate` calls.
+
+The costs (cost_model.py) are measured before decoding, on random tokens; a real decode differs
+(rows drift apart and leave one by one while drafting, all together while stepping). strategy auto
+times each round and plain step and corrects its prediction of drafting's speedup by
+
+    correction = (observed / predicted seconds of plain steps) / (observed / predicted of rounds),
+
+each a sum decayed by `decay` per timing (about the last 10 of each kind). What drifts both kinds
+alike (the machine, its caches) cancels; what differs stays. The correction is 1 until both kinds
+were timed.
+
+Kept across calls (`decode_timings_for`): a server decodes many short requests with one model, and
+each call that started from 1 would pay a few rounds to re-learn what the last one knew (on the
+benchmark CPU at batch 1 the correction was 0.67-0.9 on every prompt). They are kept per model,
+batch size and exit, and only for the costs they correct: other costs start afresh.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from schedules.speedup import DecodeCosts
+
+
+@dataclass
+class DecodeTimings:
+    costs: DecodeCosts                # what the predicted seconds were priced by
+    decay: float = 0.9                # weight of older timings, per timing of the same kind
+    # decayed sums of [observed, predicted] seconds, of rounds and of plain steps
+    rounds: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    steps: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    def add(self, is_round: bool, observed: float, predicted: float) -> None:
+        sums = self.rounds if is_round else self.steps
+        sums[0] = self.decay * sums[0] + observed
+        sums[1] = self.decay * sums[1] + predicted
+
+    @property
+    def correction(self) -> float:
+        if not (self.steps[1] and self.rounds[1]):
+            return 1.0
+        return (self.steps[0] / self.steps[1]) / (self.rounds[0] / self.rounds[1])
+
+
+# model -> {(batch, exit, cache type): DecodeTimings}
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_timings_for(model: torch.nn.Module, costs: DecodeCosts, batch: int, exit_layer: int,
+                       cache_type: type) -> DecodeTimings:
+    """The timings earlier decodes of this model kept at this batch size, exit and cache type, if
+    they were priced by equal `costs`; else new ones (kept from now on)."""
+    key = (batch, exit_layer, cache_type.__name__)
+    kept = _KEPT.setdefault(model, {})
+    if key not in kept or kept[key].costs != costs:
+        kept[key] = DecodeTimings(costs)
+    return kept[key]
