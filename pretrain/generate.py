@@ -4,7 +4,7 @@
     python -m pretrain.generate --checkpoint runs/demo --prompt "def main(" --strategy self_speculative \\
         --exit-layer 2 --draft-len 4 [--adaptive-draft] [--dynamic-exit] \\
         [--temperature 0.8 --top-p 0.9 --seed 1] [--measure-speedup] [--compile reduce-overhead] \\
-        [--measure-costs]
+        [--measure-costs] [--stop $'\\n\\n']
 
 --checkpoint: a run directory (its newest checkpoint), a checkpoints/step_N directory, or a Hugging
 Face Llama directory (config.json + safetensors + tokenizer.json). Prompts come from --prompt
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, generate
+from pretrain.decoding import STRATEGIES, DecodeOptions, DecodeStats, SamplingConfig, StopStrings, generate
 from pretrain.decoding.compiled import COMPILE_MODES
 from pretrain.decoding.report import decode_settings, explain as explain_report
 from pretrain.model_loading import load_model
@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--measure-speedup", action="store_true",
                     help="also decode autoregressively and report the ratio")
     ap.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    ap.add_argument("--stop", action="append", metavar="STRING",
+                    help="repeatable: a completion ends with the token that completes this string (kept in the "
+                         "printed text); in bash, --stop $'\\n\\n' for a blank line")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--compile", choices=COMPILE_MODES,
                     help="torch.compile the blocks for draft and verify (reduce-overhead: CUDA graphs on CUDA)")
@@ -98,6 +101,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
     if not 0 < args.target_acceptance < 1:
         raise ValueError(f"--target-acceptance={args.target_acceptance} must be in (0, 1)")
+    if args.stop is not None and not all(args.stop):
+        raise ValueError(f"--stop needs a non-empty string, got {args.stop!r}")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -168,7 +173,7 @@ def decode_all(model, prompt_ids: list[list[int]], opts: DecodeOptions, batch_si
 def measure_against_autoregressive(model, prompt_ids, opts: DecodeOptions, batch_size: int, outputs,
                                    stats: DecodeStats) -> dict:
     base_opts = DecodeOptions(strategy="autoregressive", max_new_tokens=opts.max_new_tokens,
-                              sampling=opts.sampling, eos_id=opts.eos_id, seed=opts.seed)
+                              sampling=opts.sampling, eos_id=opts.eos_id, stop=opts.stop, seed=opts.seed)
     generate(model, prompt_ids[:1], base_opts, max_new_tokens=2)   # warm-up
     base_out, base = decode_all(model, prompt_ids, base_opts, batch_size)
     fast, slow = stats.summary(), base.summary()
@@ -240,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             adaptive_draft=args.adaptive_draft, target_acceptance=args.target_acceptance,
             dynamic_exit=args.dynamic_exit, max_draft_len=args.max_draft_len, compile=args.compile,
             min_speedup=args.min_speedup)
+        if args.stop:
+            opts.stop = StopStrings.of(args.stop, lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                                       tokenizer.decode)
         if args.measure_costs:
             opts.costs = measured_costs(model, opts)
         prompt_ids = [tokenizer.encode(p).ids for p in prompts]

@@ -60,6 +60,19 @@ def test_greedy_generation_prints_text_and_stats(capsys, fake_checkpoint, tmp_pa
     assert text[4] == "--- completion 2" and text[5].startswith("w9 ")
 
 
+def test_stop_strings_end_completions(capsys, fake_checkpoint):
+    """--stop: each completion ends with the word completing the first stop string in its new text."""
+    full = [WORDS[t] for t in reference_greedy(fake_checkpoint, ids("w1 w2 w3"), 12)]
+    stop = " ".join(full[3:5])                    # two words, a few tokens in
+    cut = next(k for k in range(1, 13) if stop in " ".join(full[:k]))
+    assert cut < 12
+    text, report = run(capsys, "--prompt", "w1 w2 w3", "--strategy", "self_speculative", "--exit-layer", "2",
+                       "--draft-len", "4", "--max-new-tokens", "12", "--no-eos", "--stop", stop, "--stop", "zzz",
+                       "--measure-speedup")
+    assert text[1] == " ".join(["w1", "w2", "w3"] + full[:cut])
+    assert report["generated_tokens"] == cut and report["identical_to_autoregressive"] is True
+
+
 @pytest.mark.parametrize("extra", [["--strategy", "early_exit", "--exit-layer", "1"],
                                    ["--strategy", "autoregressive"],
                                    ["--strategy", "self_speculative", "--adaptive-draft", "--dynamic-exit",
@@ -122,6 +135,7 @@ def test_errors_are_reported(capsys, fake_checkpoint, tmp_path):
     (["--temperature", "nan"], "error: --temperature=nan must be a finite number >= 0 (0 = greedy)"),
     (["--temperature", "-0.5"], "error: --temperature=-0.5 must be a finite number >= 0 (0 = greedy)"),
     (["--top-p", "nan"], "error: --top-p=nan must be in (0, 1]"),
+    (["--stop", ""], "error: --stop needs a non-empty string, got ['']"),
 ])
 def test_bad_numbers_are_one_line_errors(capsys, fake_checkpoint, flags, message):
     """Given values are used as given or refused, never silently replaced by defaults."""

@@ -132,6 +132,30 @@ def test_speculative_strings_equal_autoregressive_per_request(checkpoints):
     assert sum(len(s) for s in outs["autoregressive"]) > 20
 
 
+def test_generation_stops_at_the_tasks_stop_strings(checkpoints):
+    """generate_until ends each row at its `until` string instead of max_gen_toks later: the strings
+    are those of decoding to max_gen_toks and cutting the text, with fewer tokens decoded."""
+    from lm_eval.api.instance import Instance
+
+    from pretrain.decoding import generate
+    from pretrain.downstream.lm import LayerSkipLM
+
+    run, _ = checkpoints
+    source = ModelSource.open(run, torch.device("cpu"))
+    prompts = ["def main(", "import os\nimport", "class Foo(object):\n    def __init__(self", "for i in range("]
+    lm = LayerSkipLM(source=source, strategy="self_speculative:1:3", batch_size=2)
+    full, _ = generate(source.model, [lm.tok_encode(p) for p in prompts], strategy="autoregressive",
+                       max_new_tokens=24, eos_id=lm.eot_token_id)
+    texts = [lm.tok_decode(tokens) for tokens in full]
+    until = texts[1][4:6]                                      # a string the model writes, a few tokens in
+    assert until.strip() and sum(until in t for t in texts) >= 1
+    requests = [Instance("generate_until", {}, (p, {"until": [until], "max_gen_toks": 24, "do_sample": False}), i,
+                         metadata=("t", i, 1)) for i, p in enumerate(prompts)]
+    out = lm.generate_until(requests)
+    assert out == [t.split(until)[0] for t in texts]
+    assert lm.decode_stats.generated < sum(map(len, full))
+
+
 def test_pretrain_eval_tasks_writes_table_eval_json_and_figure(checkpoints, capsys):
     from pretrain.eval import main
 

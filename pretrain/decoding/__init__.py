@@ -3,6 +3,7 @@ from pretrain.decoding.generation import STRATEGIES, DecodeOptions, generate, ma
 from pretrain.decoding.kv_cache import ExitQueryCache, StaticKVCache
 from pretrain.decoding.sampling import SamplingConfig
 from pretrain.decoding.stats import DecodeStats
+from pretrain.decoding.stop_strings import StopStrings
 
 __all__ = ["STRATEGIES", "DecodeOptions", "DecodeStats", "ExitQueryCache", "SamplingConfig", "StaticKVCache",
-           "generate", "make_options"]
+           "StopStrings", "generate", "make_options"]

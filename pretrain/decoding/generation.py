@@ -31,6 +31,7 @@ from pretrain.decoding.self_speculative import decode_self_speculative
 from pretrain.decoding.sequences import Sequences
 from pretrain.decoding.stats import DecodeStats, Timer
 from pretrain.decoding.stepwise import decode_stepwise, prefill
+from pretrain.decoding.stop_strings import StopStrings
 from schedules.speedup import DecodeCosts
 
 STRATEGIES = ("auto", "autoregressive", "early_exit", "self_speculative")
@@ -44,6 +45,7 @@ class DecodeOptions:
     draft_len: int = 4                   # γ (the cap when adaptive; the start when dynamic)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)   # default greedy
     eos_id: int | None = None
+    stop: StopStrings | None = None      # rows also end with the token completing one of these strings
     seed: int = 0
     adaptive_draft: bool = False
     draft_threshold: float = 0.5         # initial τ of the adaptive draft length
@@ -82,6 +84,8 @@ def _validate(opts: DecodeOptions, num_layers: int) -> int:
         raise ValueError(f"exit_layer={exit_layer} must be in 1..{num_layers - 1} (the model has {num_layers} layers)")
     if opts.draft_len < 1 or opts.max_draft_len < 1:
         raise ValueError(f"draft_len={opts.draft_len} and max_draft_len={opts.max_draft_len} must be >= 1")
+    if opts.stop is not None and not isinstance(opts.stop, StopStrings):
+        raise TypeError(f"stop must be a StopStrings (pretrain.decoding.stop_strings), got {type(opts.stop).__name__}")
     if opts.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={opts.max_new_tokens} must be >= 1")
     if opts.probe_every < 1 or opts.probe_window < 0:
@@ -119,8 +123,8 @@ def _check_prompts(prompts: list[list[int]], vocab_size: int, opts: DecodeOption
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOptions | None = None,
              **kwargs) -> tuple[list[list[int]], DecodeStats]:
-    """New tokens per prompt (prompts may differ in length; each row stops at eos_id, included, or
-    after max_new_tokens) and the decoding statistics. Keywords: the fields of DecodeOptions, plus
+    """New tokens per prompt (prompts may differ in length; each row stops at eos_id, included, at
+    the token completing a stop string, or after max_new_tokens) and the decoding statistics. Keywords: the fields of DecodeOptions, plus
     temperature / top_k / top_p."""
     opts = make_options(options, **kwargs)
     L = model.cfg.n_layers
@@ -134,7 +138,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
     gamma_cap = (max(opts.draft_len, opts.max_draft_len if opts.dynamic_exit else 0) if speculative
                  else opts.max_draft_len if opts.strategy == "auto" else 0)
     _check_prompts(prompts, model.cfg.vocab_size, opts)
-    seqs = Sequences(prompts, opts.max_new_tokens, opts.eos_id, spare=gamma_cap + 1, device=device)
+    seqs = Sequences(prompts, opts.max_new_tokens, opts.eos_id, spare=gamma_cap + 1, device=device, stop=opts.stop)
     # the positions decoding runs: the prompt and every new token but the last (never fed back);
     # drafts past a row's last token are never committed and need no position of their own
     needed = seqs.longest_prompt + opts.max_new_tokens - 1
@@ -155,11 +159,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
     stats = DecodeStats()
     runner = BlockRunner(model, cache_type.for_model(model, seqs.batch, seqs.capacity), stats)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
-    stop = exit_layer if opts.strategy == "early_exit" else L
+    depth = exit_layer if opts.strategy == "early_exit" else L
     try:
         with Timer(stats, device):
             reading = auto is not None and not auto.never_drafts and auto.prompt_bits > 0
-            prefill(runner, seqs, stop, opts.sampling, generator, auto.chain if reading else None, exit_layer,
+            prefill(runner, seqs, depth, opts.sampling, generator, auto.chain if reading else None, exit_layer,
                     -(-auto.prompt_bits // seqs.batch) if reading else 0)
             if speculative:
                 adaptive = (AdaptiveDraftLength(opts.draft_threshold, opts.target_acceptance)
@@ -172,7 +176,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], options: DecodeOp
                 decode_auto(runner, seqs, auto, opts.sampling, generator)
                 stats.auto.append({**auto.report(), "cost_measurement_s": measuring_s})
             else:
-                decode_stepwise(runner, seqs, stop, opts.sampling, generator)
+                decode_stepwise(runner, seqs, depth, opts.sampling, generator)
     finally:
         model.train(was_training)
+    stats.generated -= seqs.tokens_cut
     return seqs.outputs(), stats

@@ -1,6 +1,7 @@
 """The batch being decoded: prompt + committed tokens per row, each row finishing on its own at EOS
 or after max_new_tokens, and leaving the batch when it does.
 
+Rows may also finish at stop strings (stop_strings.py), checked in the same synchronisation.
 Only unfinished rows are decoded: `settle()`, the one host synchronisation of a round, reads how many
 rows finished (and the few numbers the host needs for the next round); `drop_finished()` then moves
 the unfinished rows to the front, keeping their order, and returns the index every per-row state of
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from pretrain.decoding.stop_strings import StopStrings
+
 
 class Sequences:
     """Row b holds `length[b]` committed tokens in tokens[b, :length[b]]. The last committed token of
@@ -19,7 +22,7 @@ class Sequences:
     prompt the row decodes."""
 
     def __init__(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None, spare: int,
-                 device: torch.device | str):
+                 device: torch.device | str, stop: StopStrings | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         self.prompt_len = torch.tensor([len(p) for p in prompts], device=device)
@@ -37,6 +40,9 @@ class Sequences:
         self.max_length = self.longest_prompt    # host: the longest row
         self._finished_rows = 0                  # host: finished rows still in the batch
         self._steps = torch.arange(self.capacity, device=device)
+        self.stop = stop
+        self._stop_window = min(stop.window + spare, self.capacity) if stop is not None else 0   # + a round's
+        self.tokens_cut = 0                      # host: committed past a stop string, then cut back
         self._left: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -80,11 +86,40 @@ class Sequences:
         read = [self.finished.sum()]
         if lengths:
             read += [self.remaining().max(), self.length.max()]
-        read = torch.cat([torch.stack(read)] + [v.to(torch.long).reshape(-1) for v in values]).tolist()
+        tails = [self._new_tails()] if self.stop is not None else []
+        read = torch.cat([torch.stack(read)] + [v.to(torch.long).reshape(-1) for v in values + tuple(tails)]).tolist()
         self._finished_rows = read[0]
         if lengths:
             self.most_remaining, self.max_length = read[1:3]
+        if tails:
+            window = self._stop_window + 1
+            read, tails = read[:-self.batch * window], read[-self.batch * window:]
+            self._stop_at_strings([tails[b * window:(b + 1) * window] for b in range(self.batch)])
         return read[3 if lengths else 1:]
+
+    def _new_tails(self) -> torch.Tensor:
+        """[B, 1 + window]: whether each row had finished, then its last `window` new tokens, -1
+        where a position holds no new token."""
+        index = self.length[:, None] - self._stop_window + self._steps[None, :self._stop_window]
+        tail = self.tokens.gather(1, index.clamp_min(0)).masked_fill(index < self.prompt_len[:, None], -1)
+        return torch.cat([self.finished[:, None].long(), tail], 1)
+
+    def _stop_at_strings(self, tails: list[list[int]]) -> None:
+        """Rows whose new text holds a stop string finish, cut back to the token completing it
+        (stop_strings.py). Every row in the batch was unfinished before this round."""
+        rows, cuts = [], []
+        for b, (was_finished, *tail) in enumerate(tails):
+            tail = [t for t in tail if t >= 0]
+            keep = self.stop.tokens_to_keep(tail) if tail else None
+            if keep is not None:
+                rows.append(b)
+                cuts.append(len(tail) - keep)
+                self._finished_rows += not was_finished
+        if rows:
+            index = torch.tensor(rows, device=self.length.device)
+            self.length[index] -= torch.tensor(cuts, device=self.length.device)
+            self.finished[index] = True
+            self.tokens_cut += sum(cuts)
 
     def drop_finished(self) -> torch.Tensor | None:
         """After settle(): None if no row finished; else the unfinished rows move to the front (in

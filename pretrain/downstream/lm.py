@@ -24,7 +24,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
-from pretrain.decoding import DecodeStats, SamplingConfig, generate
+from pretrain.decoding import DecodeStats, SamplingConfig, StopStrings, generate
 from pretrain.device import select_device
 from pretrain.downstream.scoring import score_batch
 from pretrain.downstream.source import ModelSource
@@ -222,6 +222,9 @@ class LayerSkipLM(TemplateLM):
             sampling = SamplingConfig(float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
                                       int(kwargs.get("top_k", 0) or 0), float(kwargs.get("top_p", 1.0) or 1.0))
             opts = self.strategy.options(max_new, sampling, self.eot_token_id, self.seed)
+            if until:    # rows end at a stop string, not max_gen_toks later (the text is cut below anyway)
+                opts.stop = StopStrings.of(until, lambda s: self.tok_encode(s, add_special_tokens=False),
+                                           self.tok_decode)
             prompts = sorted(prompts, key=lambda p: -len(p[1]))
             for b in range(0, len(prompts), self.batch_size):
                 chunk = prompts[b:b + self.batch_size]
