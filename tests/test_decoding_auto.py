@@ -77,6 +77,30 @@ def test_controller_reads_then_decides_from_costs_and_runs():
     assert "cannot pay" in never.report()["reason"]
 
 
+def test_reading_windows_keep_within_the_read_budget():
+    """A read costing 10% of a step (the head's share by the costs, then 20% as timed): windows of
+    8 reads come after at least 8 (r / budget - 1) unread steps, so reading takes <= 1% of the
+    plain steps; the doubling gap still applies once it is the longer."""
+    head_heavy = DecodeCosts(block=(1.0,) * 9, head=(2 / 3,) * 9)              # a step 6 + 2/3: head 10%
+    auto = AutoStrategy(num_layers=6, exit_layer=2, costs=head_heavy, chain=AgreementChain(decay=1.0))
+    auto.chain.start(1, "cpu")
+    _play(auto.chain, [[0]] * 16)
+    auto.observe(generated=16)
+    assert auto.strategy == "autoregressive" and auto.read_share == pytest.approx(0.1)
+    assert auto.budget_gap == 72                                              # 8 (0.1 / 0.01 - 1)
+    moves = [auto.next_move() for _ in range(72 + 8)]
+    assert moves == [(0, False)] * 72 + [(0, True)] * 8
+    assert sum(read for _, read in moves) * auto.read_share <= 0.01 * len(moves) + 1e-9
+    for read in (True, False) * 5:                                            # reading steps take 1.2x
+        auto.observe_time(0, 1.2 if read else 1.0, read)
+    assert auto.read_share == pytest.approx(0.2) and auto.budget_gap == 152
+    assert [auto.next_move() for _ in range(152 + 8)] == [(0, False)] * 152 + [(0, True)] * 8
+    untimed = AutoStrategy(num_layers=6, exit_layer=2, costs=head_heavy, timed=False, timings=auto.timings)
+    assert untimed.read_share == pytest.approx(0.1)                           # the costs alone (tensor parallel)
+    with pytest.raises(ValueError, match="read_budget=0"):
+        AutoStrategy(num_layers=6, exit_layer=2, costs=head_heavy, read_budget=0)
+
+
 def test_thin_evidence_does_not_buy_drafting():
     """Exit 4 of 6: 7 of 8 drafts accepted predicts drafting 1.12x, above min_speedup 1.07, but not
     one standard error of the agreement lower: autoregressive. The same text over 32 bits: drafting."""

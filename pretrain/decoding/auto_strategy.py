@@ -17,9 +17,12 @@ at each prompt's last ceil(`prompt_bits` / batch) positions (two head evaluation
 batch), so the first decision usually comes before the first step. Plain
 steps read in windows: from the first step until `min_evidence` bits are judged (prompts shorter
 than that), then `read_window` consecutive steps (runs need
-consecutive bits) after `recheck_every` unread ones, so that a text that gets easier is noticed;
-the gap doubles after every window that keeps decoding plainly (up to `max_unread`) and is reset by
-drafting. Decisions follow every round and every step that read.
+consecutive bits) after an unread gap, so that a text that gets easier is noticed. The gap starts
+at `recheck_every` steps, doubles after every window that keeps decoding plainly (up to
+`max_unread`) and is reset by drafting; and it is never shorter than the read budget allows:
+windows take at most `read_budget` of the plain steps' time, a read costing what the timings say it
+adds to a step (decode_timings.py), the head's share of a step by the measured costs until then or
+when untimed. Decisions follow every round and every step that read.
 
 Decisions. First, the ceiling: if drafting cannot beat `min_speedup` even with every draft accepted,
 the decoder never drafts and never reads. Otherwise it decodes autoregressively, reading, until
@@ -38,6 +41,7 @@ whichever strategy wrote it, so greedy output is the full model's either way.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +75,7 @@ class AutoStrategy:
     prompt_bits: int = 64             # the prefill reads agreement at each prompt's last ceil(this / batch)
                                       # positions (more would outweigh the ~50 bits the evidence keeps)
     max_unread: int = 256             # the gap doubles after every window that keeps decoding plainly
+    read_budget: float = 0.01         # reading windows take at most this share of the plain steps' time
     chain: AgreementChain = field(default_factory=AgreementChain)
     strategy: str = AUTOREGRESSIVE    # reading until the evidence is in
     draft_len: int = 1
@@ -92,6 +97,8 @@ class AutoStrategy:
         if self.costs.max_positions < self.max_draft_len + 1:
             raise ValueError(f"decode costs measured up to {self.costs.max_positions} positions; strategy auto "
                              f"needs max_draft_len + 1 = {self.max_draft_len + 1}")
+        if not 0 < self.read_budget <= 1:
+            raise ValueError(f"read_budget={self.read_budget} must be in (0, 1]")
         self.unread_gap = self.recheck_every
         if self.timings is None:
             self.timings = DecodeTimings(self.costs)
@@ -150,11 +157,24 @@ class AutoStrategy:
             self.reads_left -= 1
             return 0, True
         self.steps_unread += 1
-        if self.steps_unread <= self.unread_gap:
+        if self.steps_unread <= max(self.unread_gap, self.budget_gap):
             return 0, False
         self.steps_unread, self.reads_left = 0, self.read_window - 1
         self.unread_gap = min(2 * self.unread_gap, self.max_unread)
         return 0, True
+
+    @property
+    def read_share(self) -> float:
+        """What a read adds to a plain step, as a share of one: timed when the decode is (and a
+        reading and an unread step were), else the exit head's share of a step by the costs."""
+        timed = self.timings.read_share if self.timed else None
+        return self.costs.head_cost(1) / self._step_cost if timed is None else timed
+
+    @property
+    def budget_gap(self) -> int:
+        """The fewest unread steps before a window of `read_window` reads that keeps reading within
+        `read_budget`: W r <= budget (gap + W), r the read share."""
+        return max(0, math.ceil(self.read_window * (self.read_share / self.read_budget - 1) - 1e-9))
 
     def observe_time(self, draft_len: int, seconds: float, read: bool = False) -> None:
         """A round of `draft_len` drafts (0: a plain step, reading the exit's agreement or not) took
@@ -163,7 +183,7 @@ class AutoStrategy:
             return
         predicted = (self._round_costs[draft_len - 1] if draft_len
                      else self._step_cost + (self.costs.head_cost(1) if read else 0.0))
-        self.timings.add(bool(draft_len), seconds, predicted)
+        self.timings.add(bool(draft_len), seconds, predicted, read)
 
     @property
     def time_correction(self) -> float:
@@ -212,7 +232,7 @@ class AutoStrategy:
                 "predicted_speedup": {AUTOREGRESSIVE: 1.0, SELF_SPECULATIVE: self.predicted,
                                       "self_speculative_if_all_accepted": self.ceiling},
                 "decisions": self.decisions, "drafting_rounds": self.drafting_rounds, "timed": self.timed,
-                "time_correction": self.time_correction,
+                "time_correction": self.time_correction, "read_share": self.read_share,
                 "autoregressive_steps": self.autoregressive_steps,
                 "costs": {"batch": c.batch, "block_s": list(c.block), "head_s": list(c.head), "step_s": c.step,
                           "round_extra_s": list(c.round_extra), "round_extra_exit": c.exit_layer}}

@@ -8,7 +8,8 @@ times each round and plain step and corrects its prediction of drafting's speedu
 
 each a sum decayed by `decay` per timing (about the last 10 of each kind). What drifts both kinds
 alike (the machine, its caches) cancels; what differs stays. The correction is 1 until both kinds
-were timed.
+were timed. Plain steps that read the exit's agreement are also timed apart from those that do not:
+`read_share`, what a read adds to a step, sizes how seldom auto may read (its read budget).
 
 Kept across calls (`decode_timings_for`): a server decodes many short requests with one model, and
 each call that started from 1 would pay a few rounds to re-learn what the last one knew (on the
@@ -32,11 +33,26 @@ class DecodeTimings:
     # decayed sums of [observed, predicted] seconds, of rounds and of plain steps
     rounds: list[float] = field(default_factory=lambda: [0.0, 0.0])
     steps: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # decayed [seconds, count] of plain steps that read the exit's agreement, and of those that did not
+    reading: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    unread: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
-    def add(self, is_round: bool, observed: float, predicted: float) -> None:
+    def add(self, is_round: bool, observed: float, predicted: float, read: bool = False) -> None:
         sums = self.rounds if is_round else self.steps
         sums[0] = self.decay * sums[0] + observed
         sums[1] = self.decay * sums[1] + predicted
+        if not is_round:
+            mean = self.reading if read else self.unread
+            mean[0] = self.decay * mean[0] + observed
+            mean[1] = self.decay * mean[1] + 1
+
+    @property
+    def read_share(self) -> float | None:
+        """What reading adds to a plain step, as a share of one that does not read (>= 0); None
+        until both were timed."""
+        if not (self.reading[1] and self.unread[1]):
+            return None
+        return max(0.0, (self.reading[0] / self.reading[1]) / (self.unread[0] / self.unread[1]) - 1)
 
     @property
     def correction(self) -> float:
