@@ -98,23 +98,24 @@ class Sequences:
         return read[3 if lengths else 1:]
 
     def _new_tails(self) -> torch.Tensor:
-        """[B, 1 + window]: whether each row had finished, then its last `window` new tokens, -1
-        where a position holds no new token."""
+        """[B, 1 + window]: whether each row is finished (EOS, max_new_tokens), then its last
+        `window` new tokens, -1 where a position holds no new token."""
         index = self.length[:, None] - self._stop_window + self._steps[None, :self._stop_window]
         tail = self.tokens.gather(1, index.clamp_min(0)).masked_fill(index < self.prompt_len[:, None], -1)
         return torch.cat([self.finished[:, None].long(), tail], 1)
 
     def _stop_at_strings(self, tails: list[list[int]]) -> None:
         """Rows whose new text holds a stop string finish, cut back to the token completing it
-        (stop_strings.py). Every row in the batch was unfinished before this round."""
+        (stop_strings.py). Every row in the batch was unfinished before this round. The host's
+        max_length may still count a cut row: it bounds the rows, and the row leaves next."""
         rows, cuts = [], []
-        for b, (was_finished, *tail) in enumerate(tails):
+        for b, (finished, *tail) in enumerate(tails):
             tail = [t for t in tail if t >= 0]
             keep = self.stop.tokens_to_keep(tail) if tail else None
             if keep is not None:
                 rows.append(b)
                 cuts.append(len(tail) - keep)
-                self._finished_rows += not was_finished
+                self._finished_rows += not finished
         if rows:
             index = torch.tensor(rows, device=self.length.device)
             self.length[index] -= torch.tensor(cuts, device=self.length.device)
