@@ -71,3 +71,19 @@ def test_bad_stop_strings_are_refused(model):
         StopStrings.of(["ab", ""], encode, two_letters)
     with pytest.raises(TypeError, match="stop must be a StopStrings"):
         generate(model, PROMPTS, strategy="autoregressive", stop="\n\n")
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
+def test_sampled_rows_end_where_their_text_first_holds_a_stop_string(model, strategy):
+    """Sampling: each row's text holds a stop string only with its last token (or never, running to
+    max_new_tokens)."""
+    strings = ("ab", "ca")
+    out, _ = generate(model, PROMPTS * 4, strategy=strategy, exit_layer=2, draft_len=3, max_new_tokens=NEW,
+                      temperature=1.0, seed=5, stop=StopStrings.of(strings, encode, two_letters))
+    stopped = 0
+    for row in out:
+        holds = [any(s in two_letters(row[:k]) for s in strings) for k in range(1, len(row) + 1)]
+        assert not any(holds[:-1])
+        assert holds[-1] or len(row) == NEW
+        stopped += holds[-1]
+    assert stopped >= 4
