@@ -157,7 +157,7 @@ class AutoStrategy:
             self.reads_left -= 1
             return 0, True
         self.steps_unread += 1
-        if self.steps_unread <= max(self.unread_gap, self.budget_gap):
+        if self.steps_unread <= self.unread_gap or self.steps_unread <= self.budget_gap:
             return 0, False
         self.steps_unread, self.reads_left = 0, self.read_window - 1
         self.unread_gap = min(2 * self.unread_gap, self.max_unread)

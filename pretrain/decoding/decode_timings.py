@@ -12,9 +12,8 @@ were timed. Plain steps that read the exit's agreement are also timed apart from
 `read_share`, what a read adds to a step, sizes how seldom auto may read (its read budget).
 
 Kept across calls (`decode_timings_for`): a server decodes many short requests with one model, and
-each call that started from 1 would pay a few rounds to re-learn what the last one knew (on the
-benchmark CPU at batch 1 the correction was 0.67-0.9 on every prompt). They are kept per model,
-batch size and exit, and only for the costs they correct: other costs start afresh.
+each call that started from 1 would pay a few rounds to re-learn what the last one knew. They are
+kept per model, batch size and exit, and only for the costs they correct: other costs start afresh.
 """
 from __future__ import annotations
 
@@ -38,13 +37,13 @@ class DecodeTimings:
     unread: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def add(self, is_round: bool, observed: float, predicted: float, read: bool = False) -> None:
-        sums = self.rounds if is_round else self.steps
-        sums[0] = self.decay * sums[0] + observed
-        sums[1] = self.decay * sums[1] + predicted
+        self._decayed(self.rounds if is_round else self.steps, observed, predicted)
         if not is_round:
-            mean = self.reading if read else self.unread
-            mean[0] = self.decay * mean[0] + observed
-            mean[1] = self.decay * mean[1] + 1
+            self._decayed(self.reading if read else self.unread, observed, 1.0)
+
+    def _decayed(self, pair: list[float], first: float, second: float) -> None:
+        pair[0] = self.decay * pair[0] + first
+        pair[1] = self.decay * pair[1] + second
 
     @property
     def read_share(self) -> float | None:
